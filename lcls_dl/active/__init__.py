@@ -1,0 +1,1 @@
+"""Active learning: label store, uncertainty scores, batch selection."""

@@ -1,0 +1,1 @@
+"""The ``lcls-dl`` command line: thin click commands over the lcls_dl library."""

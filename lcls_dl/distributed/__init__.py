@@ -1,0 +1,1 @@
+"""Distributed execution over MPI: launcher, gradient averaging, data partitioning."""

@@ -1,0 +1,1 @@
+"""Ingest: detector files -> preprocessed, sharded, labeled dataset."""

@@ -1,0 +1,1 @@
+"""Keras CNN+DNN models for detector frames: builders, blueprints, training loop."""
