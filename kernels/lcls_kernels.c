@@ -1,0 +1,320 @@
+/* lcls-dl C kernels: fused per-frame accumulation and peak finding.
+ * See lcls_kernels.h for the contracts and lcls_dl/ingest/kernels.py for the
+ * numpy reference implementation that defines the semantics.
+ */
+#include "lcls_kernels.h"
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
+
+#define CONV_SCALAR(T, i) (((double)((const T *)frame)[i] - offset) * scale)
+#define CONV_PIXEL(T, i)                                                      \
+    (((double)((const T *)frame)[i] -                                        \
+      (offset_px ? (double)offset_px[i] : offset)) *                         \
+     (scale_px ? (double)scale_px[i] : scale))
+
+/* One run of pixels [s, s + len) sharing bin b. Fast path: sums, squares and
+ * max with two independent chains; a run holding a hot or non-finite pixel is
+ * redone pixel by pixel (exclusions); a run whose max exceeds cand_thr appends
+ * its candidates without branches. */
+#define DEFINE_ACC(NAME, CONV, T)                                             \
+    static void NAME(const void *restrict frame, int64_t n_runs,              \
+                     const int32_t *restrict run_start,                       \
+                     const int32_t *restrict run_len,                         \
+                     const int32_t *restrict run_bin,                         \
+                     const float *restrict offset_px,                         \
+                     const float *restrict scale_px,                          \
+                     double offset, double scale, double hot,                 \
+                     double cand_thr, double *restrict sum,                   \
+                     double *restrict sumsq, int32_t *restrict excluded,      \
+                     int32_t *restrict cand, int64_t *n_cand, double *vmax,   \
+                     int64_t *n_nonfinite)                                    \
+    {                                                                         \
+        (void)offset_px; (void)scale_px;                                      \
+        double vm = -HUGE_VAL;                                                \
+        int64_t nc = 0, nnf = 0;                                              \
+        for (int64_t r = 0; r < n_runs; r++) {                                \
+            const int64_t s = run_start[r], e = s + run_len[r];               \
+            const int32_t b = run_bin[r];                                     \
+            double a0 = 0.0, a1 = 0.0, q0 = 0.0, q1 = 0.0;                    \
+            double m0 = -HUGE_VAL, m1 = -HUGE_VAL;                            \
+            int64_t i = s;                                                    \
+            for (; i + 2 <= e; i += 2) {                                      \
+                const double v0 = CONV(T, i), v1 = CONV(T, i + 1);            \
+                a0 += v0; a1 += v1;                                           \
+                q0 += v0 * v0; q1 += v1 * v1;                                 \
+                m0 = v0 > m0 ? v0 : m0; m1 = v1 > m1 ? v1 : m1;               \
+            }                                                                 \
+            if (i < e) {                                                      \
+                const double v0 = CONV(T, i);                                 \
+                a0 += v0; q0 += v0 * v0; m0 = v0 > m0 ? v0 : m0;              \
+            }                                                                 \
+            const double m = m0 > m1 ? m0 : m1;                               \
+            const double a = a0 + a1, q = q0 + q1;                            \
+            if (!(m <= hot) || !isfinite(a) || !isfinite(q)) {                \
+                double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;                    \
+                for (i = s; i < e; i++) {                                     \
+                    const double v = CONV(T, i);                              \
+                    if (v <= hot && v >= -DBL_MAX) {                          \
+                        ps += v; pq += v * v; pm = v > pm ? v : pm;           \
+                        cand[nc] = (int32_t)i;                                \
+                        nc += (v > cand_thr);                                 \
+                    } else {                                                  \
+                        excluded[b]++;                                        \
+                        nnf += !isfinite(v);                                  \
+                    }                                                         \
+                }                                                             \
+                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;         \
+                continue;                                                     \
+            }                                                                 \
+            if (m > cand_thr) {                                               \
+                for (i = s; i < e; i++) {                                     \
+                    cand[nc] = (int32_t)i;                                    \
+                    nc += (CONV(T, i) > cand_thr);                            \
+                }                                                             \
+            }                                                                 \
+            sum[b] += a; sumsq[b] += q;                                       \
+            vm = m > vm ? m : vm;                                             \
+        }                                                                     \
+        *vmax = vm;                                                           \
+        *n_cand = nc;                                                         \
+        *n_nonfinite = nnf;                                                   \
+    }
+
+/* Small integer frames with a scalar offset and scale > 0: sum the raw values
+ * and their squares exactly in int64 per run (vectorisable, no conversion per
+ * pixel) and convert once per run. The max raw value gives the run's max
+ * photon value exactly, so the hot check and candidate test are unchanged. */
+#define DEFINE_ACC_INT(NAME, T)                                               \
+    static void NAME(const void *restrict frame, int64_t n_runs,              \
+                     const int32_t *restrict run_start,                       \
+                     const int32_t *restrict run_len,                         \
+                     const int32_t *restrict run_bin,                         \
+                     double offset, double scale, double hot,                 \
+                     double cand_thr, double *restrict sum,                   \
+                     double *restrict sumsq, int32_t *restrict excluded,      \
+                     int32_t *restrict cand, int64_t *n_cand, double *vmax)   \
+    {                                                                         \
+        const T *restrict f = (const T *)frame;                               \
+        double vm = -HUGE_VAL;                                                \
+        int64_t nc = 0;                                                       \
+        for (int64_t r = 0; r < n_runs; r++) {                                \
+            const int64_t s = run_start[r], len = run_len[r], e = s + len;    \
+            const int32_t b = run_bin[r];                                     \
+            int64_t a = 0, q = 0;                                             \
+            int32_t m = f[s];                                                 \
+            for (int64_t i = s; i < e; i++) {                                 \
+                const int32_t x = f[i];                                       \
+                a += x;                                                       \
+                q += (int64_t)(x * x);                                        \
+                m = x > m ? x : m;                                            \
+            }                                                                 \
+            const double v_m = ((double)m - offset) * scale;                  \
+            if (!(v_m <= hot)) {                                              \
+                double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;                    \
+                for (int64_t i = s; i < e; i++) {                             \
+                    const double v = ((double)f[i] - offset) * scale;         \
+                    if (v <= hot) {                                           \
+                        ps += v; pq += v * v; pm = v > pm ? v : pm;           \
+                        cand[nc] = (int32_t)i;                                \
+                        nc += (v > cand_thr);                                 \
+                    } else {                                                  \
+                        excluded[b]++;                                        \
+                    }                                                         \
+                }                                                             \
+                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;         \
+                continue;                                                     \
+            }                                                                 \
+            if (v_m > cand_thr) {                                             \
+                for (int64_t i = s; i < e; i++) {                             \
+                    cand[nc] = (int32_t)i;                                    \
+                    nc += (((double)f[i] - offset) * scale > cand_thr);       \
+                }                                                             \
+            }                                                                 \
+            const double da = (double)a, dl = (double)len;                    \
+            sum[b] += (da - dl * offset) * scale;                             \
+            sumsq[b] += (((double)q - 2.0 * offset * da) + dl * offset * offset) \
+                        * (scale * scale);                                    \
+            vm = v_m > vm ? v_m : vm;                                         \
+        }                                                                     \
+        *vmax = vm;                                                           \
+        *n_cand = nc;                                                         \
+    }
+
+DEFINE_ACC_INT(acc_int_u8, uint8_t)
+DEFINE_ACC_INT(acc_int_i8, int8_t)
+DEFINE_ACC_INT(acc_int_u16, uint16_t)
+DEFINE_ACC_INT(acc_int_i16, int16_t)
+
+#define DEFINE_ACC_PAIR(SUFFIX, T)                                            \
+    DEFINE_ACC(acc_s_##SUFFIX, CONV_SCALAR, T)                                \
+    DEFINE_ACC(acc_p_##SUFFIX, CONV_PIXEL, T)
+
+DEFINE_ACC_PAIR(u8, uint8_t)
+DEFINE_ACC_PAIR(i8, int8_t)
+DEFINE_ACC_PAIR(u16, uint16_t)
+DEFINE_ACC_PAIR(i16, int16_t)
+DEFINE_ACC_PAIR(u32, uint32_t)
+DEFINE_ACC_PAIR(i32, int32_t)
+DEFINE_ACC_PAIR(f32, float)
+DEFINE_ACC_PAIR(f64, double)
+
+int lcls_accumulate(const void *frame, int dtype, int64_t n_runs,
+                    const int32_t *run_start, const int32_t *run_len,
+                    const int32_t *run_bin, int32_t n_bins,
+                    const float *offset_px, const float *scale_px,
+                    double offset, double scale, double hot, double cand_thr,
+                    double *sum, double *sumsq, int32_t *excluded,
+                    int32_t *cand, int64_t *n_cand,
+                    double *vmax, int64_t *n_nonfinite)
+{
+    const int per_pixel = offset_px != NULL || scale_px != NULL;
+    if (!(hot <= DBL_MAX)) hot = DBL_MAX; /* +inf pixels are never "not hot" */
+    memset(sum, 0, sizeof(double) * (size_t)n_bins);
+    memset(sumsq, 0, sizeof(double) * (size_t)n_bins);
+    memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
+
+    if (!per_pixel && scale > 0 && dtype >= LCLS_U8 && dtype <= LCLS_I16) {
+        *n_nonfinite = 0;
+#define DISPATCH(SUFFIX)                                                      \
+    acc_int_##SUFFIX(frame, n_runs, run_start, run_len, run_bin, offset,      \
+                     scale, hot, cand_thr, sum, sumsq, excluded, cand,        \
+                     n_cand, vmax)
+        switch (dtype) {
+        case LCLS_U8: DISPATCH(u8); break;
+        case LCLS_I8: DISPATCH(i8); break;
+        case LCLS_U16: DISPATCH(u16); break;
+        default: DISPATCH(i16); break;
+        }
+#undef DISPATCH
+        return 0;
+    }
+#define DISPATCH(SUFFIX)                                                      \
+    (per_pixel ? acc_p_##SUFFIX : acc_s_##SUFFIX)(                            \
+        frame, n_runs, run_start, run_len, run_bin, offset_px, scale_px,      \
+        offset, scale, hot, cand_thr, sum, sumsq, excluded, cand, n_cand,     \
+        vmax, n_nonfinite)
+    switch (dtype) {
+    case LCLS_U8: DISPATCH(u8); break;
+    case LCLS_I8: DISPATCH(i8); break;
+    case LCLS_U16: DISPATCH(u16); break;
+    case LCLS_I16: DISPATCH(i16); break;
+    case LCLS_U32: DISPATCH(u32); break;
+    case LCLS_I32: DISPATCH(i32); break;
+    case LCLS_F32: DISPATCH(f32); break;
+    case LCLS_F64: DISPATCH(f64); break;
+    default: return -1;
+    }
+#undef DISPATCH
+    return 0;
+}
+
+/* ------------------------------------------------------------------ peaks */
+
+/* Flood fill from the candidates, one specialisation per frame dtype. */
+#define DEFINE_PEAKS(NAME, T)                                                 \
+    static void NAME(const void *restrict frame, int64_t ny, int64_t nx,      \
+                     const int32_t *restrict bins,                            \
+                     const float *restrict offset_px,                         \
+                     const float *restrict scale_px,                          \
+                     double offset, double scale, double hot,                 \
+                     const double *restrict thr, const double *restrict bg,   \
+                     const int32_t *restrict panel, int connectivity,         \
+                     int64_t min_pix, int64_t max_pix,                        \
+                     const int32_t *restrict cand, int64_t n_cand,            \
+                     uint8_t *restrict visited, int32_t *restrict stack,      \
+                     double *out)                                             \
+    {                                                                         \
+        static const int dy8[8] = {-1, -1, -1, 0, 0, 1, 1, 1};                \
+        static const int dx8[8] = {-1, 0, 1, -1, 1, -1, 0, 1};                \
+        static const int dy4[4] = {-1, 0, 0, 1};                              \
+        static const int dx4[4] = {0, -1, 1, 0};                              \
+        const int nn = connectivity == 4 ? 4 : 8;                             \
+        const int *dy = connectivity == 4 ? dy4 : dy8;                        \
+        const int *dx = connectivity == 4 ? dx4 : dx8;                        \
+        const int64_t block = ny * nx;                                        \
+        int64_t top = 0, n_peaks = 0;                                         \
+        double total = 0.0;                                                   \
+        for (int64_t c = 0; c < n_cand; c++) {                                \
+            const int64_t seed = cand[c];                                     \
+            const int32_t bs = bins[seed];                                    \
+            if (bs < 0 || visited[seed]) continue;                            \
+            const double vs = CONV_PIXEL(T, seed);                            \
+            if (!(vs > thr[bs] && vs <= hot)) continue;                       \
+            const int64_t start = top;                                        \
+            double isum = 0.0;                                                \
+            visited[seed] = 1;                                                \
+            stack[top++] = (int32_t)seed;                                     \
+            for (int64_t head = start; head < top; head++) {                  \
+                const int64_t p = stack[head];                                \
+                isum += CONV_PIXEL(T, p) - bg[bins[p]];                       \
+                const int64_t base = (p / block) * block;                     \
+                const int64_t y = (p - base) / nx, x = (p - base) % nx;       \
+                for (int k = 0; k < nn; k++) {                                \
+                    const int64_t yy = y + dy[k], xx = x + dx[k];             \
+                    if (yy < 0 || yy >= ny || xx < 0 || xx >= nx) continue;   \
+                    const int64_t q = base + yy * nx + xx;                    \
+                    if (visited[q] || bins[q] < 0) continue;                  \
+                    if (panel && panel[q] != panel[p]) continue;              \
+                    const double vq = CONV_PIXEL(T, q);                       \
+                    if (!(vq <= hot && vq >= -DBL_MAX && vq > thr[bins[q]]))  \
+                        continue;                                             \
+                    visited[q] = 1;                                           \
+                    stack[top++] = (int32_t)q;                                \
+                }                                                             \
+            }                                                                 \
+            const int64_t size = top - start;                                 \
+            if (size >= min_pix && size <= max_pix) {                         \
+                n_peaks++;                                                    \
+                total += isum;                                                \
+            }                                                                 \
+        }                                                                     \
+        for (int64_t k = 0; k < top; k++) visited[stack[k]] = 0;              \
+        out[0] = (double)n_peaks;                                             \
+        out[1] = total;                                                       \
+        out[2] = (double)top;                                                 \
+    }
+
+DEFINE_PEAKS(peaks_u8, uint8_t)
+DEFINE_PEAKS(peaks_i8, int8_t)
+DEFINE_PEAKS(peaks_u16, uint16_t)
+DEFINE_PEAKS(peaks_i16, int16_t)
+DEFINE_PEAKS(peaks_u32, uint32_t)
+DEFINE_PEAKS(peaks_i32, int32_t)
+DEFINE_PEAKS(peaks_f32, float)
+DEFINE_PEAKS(peaks_f64, double)
+
+int lcls_find_peaks(const void *frame, int dtype,
+                    int64_t n_mod, int64_t ny, int64_t nx,
+                    const int32_t *bins,
+                    const float *offset_px, const float *scale_px,
+                    double offset, double scale, double hot,
+                    const double *thr, const double *bg,
+                    const int32_t *panel, int connectivity,
+                    int64_t min_pix, int64_t max_pix,
+                    const int32_t *cand, int64_t n_cand,
+                    uint8_t *visited, int32_t *stack, double *out)
+{
+    (void)n_mod;
+    if (!(hot <= DBL_MAX)) hot = DBL_MAX;
+#define DISPATCH(SUFFIX)                                                      \
+    peaks_##SUFFIX(frame, ny, nx, bins, offset_px, scale_px, offset, scale,   \
+                   hot, thr, bg, panel, connectivity, min_pix, max_pix, cand, \
+                   n_cand, visited, stack, out)
+    switch (dtype) {
+    case LCLS_U8: DISPATCH(u8); break;
+    case LCLS_I8: DISPATCH(i8); break;
+    case LCLS_U16: DISPATCH(u16); break;
+    case LCLS_I16: DISPATCH(i16); break;
+    case LCLS_U32: DISPATCH(u32); break;
+    case LCLS_I32: DISPATCH(i32); break;
+    case LCLS_F32: DISPATCH(f32); break;
+    case LCLS_F64: DISPATCH(f64); break;
+    default: return -1;
+    }
+#undef DISPATCH
+    return 0;
+}

@@ -1,0 +1,192 @@
+"""Stop cleanly at a step boundary when the scheduler says time is up.
+
+Batch schedulers announce the end of an allocation with a signal (Slurm: ``SIGTERM``
+at the time limit, or the signal chosen with ``#SBATCH --signal=USR1@120``), then kill
+the job after a grace period. :class:`StopRequest` installs handlers for ``SIGTERM``
+and ``SIGUSR1`` that only set a flag; at each step boundary the training loop calls
+:meth:`StopRequest.should_stop` with its ``World``, which sums the flag over ranks, so
+one rank receiving the signal is enough and *all* ranks stop after the same step.
+The loop then writes a checkpoint from the root rank and exits 0, printing
+:func:`resume_command`.
+
+OpenMPI's ``mpiexec`` forwards ``SIGUSR1`` (and ``SIGUSR2``) to every rank, but a
+``SIGTERM`` sent to ``mpiexec`` kills the ranks at once (exit 1, no checkpoint), so
+the process that runs ``mpiexec`` relays ``SIGTERM`` to it as ``SIGUSR1``
+(:func:`relay_stop_signals`).
+"""
+import shlex
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """A flag set by ``SIGTERM``/``SIGUSR1``; ranks agree on it at step boundaries.
+
+    Parameters
+    ----------
+    signals : tuple of signal.Signals
+        Signals that request a stop (``SIGTERM`` and ``SIGUSR1`` by default).
+    install : bool
+        Install the handlers now (only possible in the main thread).
+
+    Attributes
+    ----------
+    requested : bool
+        True once one of the signals arrived in this process.
+    signum : int or None
+        The first signal received.
+
+    Examples
+    --------
+    >>> import os, signal
+    >>> from lcls_dl.distributed.world import LocalWorld
+    >>> stop = StopRequest()
+    >>> stop.should_stop(LocalWorld())
+    False
+    >>> os.kill(os.getpid(), signal.SIGUSR1)
+    >>> stop.should_stop(LocalWorld())
+    True
+    >>> stop.uninstall()
+    """
+
+    def __init__(self, signals=STOP_SIGNALS, install=True):
+        self.signals = tuple(signals)
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+        if install:
+            self.install()
+
+    def _handler(self, signum, frame):
+        # Only set the flag: no I/O, no MPI, no locks in a signal handler.
+        if self.signum is None:
+            self.signum = signum
+        self.requested = True
+
+    def install(self):
+        """Install the handlers, remembering the previous ones for :meth:`uninstall`."""
+        for sig in self.signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def uninstall(self):
+        """Restore the handlers that were there before :meth:`install`."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()
+        return False
+
+    def request(self, signum=None):
+        """Ask for a stop from code (same effect as receiving a signal)."""
+        self._handler(signum, None)
+
+    def should_stop(self, world):
+        """True on every rank iff any rank has received a stop signal.
+
+        A collective (an allreduce of the flag): call it on every rank at the same
+        point of every step. Under :class:`~lcls_dl.distributed.ulfm.FaultTolerantWorld`
+        it may raise :class:`~lcls_dl.distributed.ulfm.WorldShrunk` like any collective.
+        """
+        return int(world.allreduce_sum(int(bool(self.requested)))) > 0
+
+    @property
+    def signal_name(self):
+        """Name of the first signal received (``"SIGTERM"``), or None."""
+        if self.signum is None:
+            return None
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return str(self.signum)
+
+
+def should_stop(world, request):
+    """Function form of :meth:`StopRequest.should_stop`."""
+    return request.should_stop(world)
+
+
+def resume_command(argv=None, flag="--resume"):
+    """The command line to continue an interrupted run: ``argv`` plus ``--resume``.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        ``sys.argv`` by default; a leading path to the ``lcls-dl`` script becomes
+        ``lcls-dl``.
+
+    Examples
+    --------
+    >>> resume_command(["/usr/bin/lcls-dl", "train", "data", "--out", "my model"])
+    "lcls-dl train data --out 'my model' --resume"
+    >>> resume_command(["lcls-dl", "train", "data", "--resume"])
+    'lcls-dl train data --resume'
+    """
+    args = list(sys.argv if argv is None else argv)
+    if args and (args[0].endswith("lcls-dl") or args[0].endswith("__main__.py")):
+        args[0] = "lcls-dl"
+    if flag not in args:
+        args.append(flag)
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+class relay_stop_signals:
+    """In the process that runs ``mpiexec``: turn ``SIGTERM``/``SIGUSR1`` into ``SIGUSR1`` for it.
+
+    ``mpiexec`` forwards ``SIGUSR1`` to every rank, where :class:`StopRequest` sees it;
+    a ``SIGTERM`` delivered to ``mpiexec`` itself would kill the ranks before they can
+    checkpoint. Use as a context manager around ``Popen(...).wait()``.
+
+    Parameters
+    ----------
+    proc : subprocess.Popen
+        The running ``mpiexec``.
+
+    Attributes
+    ----------
+    relayed : int or None
+        The signal that was relayed (the job was asked to stop), else None.
+
+    Examples
+    --------
+    >>> import subprocess, sys
+    >>> proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    >>> with relay_stop_signals(proc) as relay:
+    ...     rc = proc.wait()
+    >>> relay.relayed is None
+    True
+    """
+
+    def __init__(self, proc, signals=STOP_SIGNALS):
+        self.proc = proc
+        self.signals = tuple(signals)
+        self.relayed = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.relayed is None:
+            self.relayed = signum
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self):
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+        return False

@@ -1,0 +1,348 @@
+"""Data-parallel training over MPI: partitioning, gradient averaging, the Keras API, launch.
+
+Tests marked ``mpi`` start real ranks with ``mpiexec -n 2 --oversubscribe`` (or
+``lcls-dl run --np 2``) in a subprocess with a timeout, so a hang fails instead of
+stalling CI.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from lcls_dl.distributed.partition import partition, steps_per_epoch
+from lcls_dl.errors import InputError
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+needs_mpi = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK), reason="no mpiexec next to python")
+
+
+def mpirun(script, args, cwd, n=2, timeout=120):
+    """Run ``python script args`` on ``n`` ranks; return the CompletedProcess."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_mpi_yield_when_idle="1")
+    cmd = [MPIEXEC, "-n", str(n), "--oversubscribe", "--bind-to", "none",
+           sys.executable, str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_script(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# ------------------------------------------------------------------ partition (one process)
+def _parts(n, labels, size, epoch=0, seed=7, pad=True):
+    return [partition(np.arange(100, 100 + n), labels, epoch, seed, r, size, pad=pad)
+            for r in range(size)]
+
+
+@pytest.mark.parametrize("n,size", [(103, 4), (10, 3), (8, 8), (57, 2)])
+def test_partition_disjoint_complete_equal(n, size):
+    rng = np.random.default_rng(n)
+    labels = rng.integers(0, 3, n)
+    parts = _parts(n, labels, size, pad=False)
+    allrows = np.concatenate(parts)
+    assert len(allrows) == n and len(np.unique(allrows)) == n      # disjoint and complete
+    assert set(allrows.tolist()) == set(range(100, 100 + n))
+    padded = _parts(n, labels, size)
+    assert {len(p) for p in padded} == {-(-n // size)}            # equal steps on every rank
+    for p, q in zip(parts, padded):
+        assert set(q.tolist()) == set(p.tolist())                   # padding repeats own rows
+        assert len(q) - len(np.unique(q)) <= 1
+
+
+def test_partition_stratified_rare_class_spread():
+    labels = np.array([0] * 90 + [1] * 6 + [2] * 7)  # ice (1) is rare
+    rows = np.arange(len(labels))
+    for epoch in range(3):
+        parts = [partition(rows, labels, epoch, 3, r, 3, pad=False) for r in range(3)]
+        for cls in range(3):
+            counts = [int(np.sum(labels[p] == cls)) for p in parts]
+            n_cls = int(np.sum(labels == cls))
+            assert set(counts) <= {n_cls // 3, -(-n_cls // 3)}, (cls, counts)
+
+
+def test_partition_reshuffles_each_epoch_and_is_reproducible():
+    labels = np.zeros(64, int)
+    a0 = partition(np.arange(64), labels, 0, 11, 0, 2)
+    assert np.array_equal(a0, partition(np.arange(64), labels, 0, 11, 0, 2))
+    # input order does not matter: every rank may list rows differently
+    perm = np.random.default_rng(1).permutation(64)
+    assert np.array_equal(a0, partition(np.arange(64)[perm], labels[perm], 0, 11, 0, 2))
+    assert not np.array_equal(a0, partition(np.arange(64), labels, 1, 11, 0, 2))
+    assert not np.array_equal(a0, partition(np.arange(64), labels, 0, 12, 0, 2))
+
+
+def test_partition_fewer_frames_than_ranks_is_an_error():
+    with pytest.raises(InputError, match="only 3 labeled frames for 4 ranks"):
+        partition([1, 2, 3], [0, 1, 0], 0, 0, 0, 4)
+    with pytest.raises(InputError, match="rows but"):
+        partition([1, 2, 3], [0, 1], 0, 0, 0, 1)
+    with pytest.raises(InputError, match="not in a world"):
+        partition([1, 2, 3], [0, 1, 0], 0, 0, 2, 2)
+
+
+def test_steps_per_epoch_matches_partition():
+    parts = _parts(23, np.zeros(23, int), 4)
+    assert steps_per_epoch(23, 4, 2) == -(-len(parts[0]) // 2) == 3
+    assert steps_per_epoch(23, 4, 2, drop_remainder=True) == 3
+
+
+# ------------------------------------------------------------------ averager (one process)
+def test_gradient_averager_single_rank_buckets_and_reuse():
+    from mpi4py import MPI
+
+    from lcls_dl.distributed.allreduce import GradientAverager
+
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=s).astype(np.float32) for s in [(3, 3), (1000,), (0,), (7, 11, 5)]]
+    avg = GradientAverager(MPI.COMM_SELF, bucket_bytes=1024)
+    out = avg(grads)
+    assert [o.shape for o in out] == [g.shape for g in grads]
+    assert all(np.array_equal(o, g) for o, g in zip(out, grads))
+    total = sum(g.size for g in grads)
+    assert avg.n_buckets == -(-total * 4 // 1024) and avg.nbytes == total * 4
+    buf = out[1].base
+    out2 = avg([g * 2 for g in grads])
+    assert out2[1].base is buf                       # the same preallocated buffer
+    assert np.array_equal(out2[3], grads[3] * 2)
+    wider = avg(grads + [np.ones(5, np.float64)])    # new layout: replanned, float64 buffer
+    assert wider[0].dtype == np.float64 and np.array_equal(wider[-1], np.ones(5))
+    with pytest.raises(InputError):
+        GradientAverager(MPI.COMM_SELF, compression="int8")
+    with pytest.raises(InputError):
+        avg([np.arange(3)])
+
+
+@pytest.mark.parametrize("compression,rel", [("fp16", 2.0 ** -10), ("bf16", 2.0 ** -7)])
+def test_gradient_averager_compression_accuracy_single_rank(compression, rel):
+    from mpi4py import MPI
+
+    from lcls_dl.distributed.allreduce import GradientAverager
+
+    g = np.random.default_rng(1).normal(size=5000).astype(np.float32)
+    out = GradientAverager(MPI.COMM_SELF, bucket_bytes=4096, compression=compression)([g])[0]
+    assert not np.array_equal(out, g)                            # really rounded
+    assert np.max(np.abs(out - g) / np.maximum(np.abs(g), 1e-3)) <= rel
+
+
+# ------------------------------------------------------------------ batch scripts
+@pytest.mark.parametrize("scheduler,marker,launch", [
+    ("slurm", "#SBATCH --signal=B:USR1@300", "srun --ntasks=8"),
+    ("pbs", "#PBS -l select=2:ncpus=4:mpiprocs=4", "mpirun -n 8 --map-by ppr:4:node"),
+    ("lsf", "#BSUB -wa USR1 -wt 5", "mpirun -n 8")])
+def test_batch_script_text_is_valid_bash(scheduler, marker, launch, tmp_path):
+    from lcls_dl.cli.batch_script import make_batch_script
+
+    text = make_batch_script(["train", "my data", "--out", "m"], scheduler, 2, 4,
+                             time="02:00:00", venv="/opt/venv", modules=["gcc", "openmpi"])
+    assert marker in text and launch in text
+    assert "source /opt/venv/bin/activate" in text and "module load gcc openmpi" in text
+    assert "lcls-dl train 'my data' --out m" in text
+    path = tmp_path / "job.sh"
+    path.write_text(text)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_batch_script_cli_and_errors(cli):
+    proc = cli("batch-script", "--scheduler", "slurm", "--nodes", "3", "--ranks-per-node", "2",
+               "--launcher", "mpirun", "--time", "00:20:00", "--", "train", "d", "--out", "m",
+               timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=3" in proc.stdout and "#SBATCH --time=00:20:00" in proc.stdout
+    assert "mpirun -n 6" in proc.stdout and "lcls-dl train d --out m" in proc.stdout
+    bad = cli("batch-script", "--scheduler", "pbs", "--time", "soon", "--", "train", "d",
+              timeout=60)
+    assert bad.returncode == 1 and "lcls-dl: error: time limit 'soon'" in bad.stderr
+
+
+# ------------------------------------------------------------------ real ranks
+AVERAGER_SCRIPT = """
+    import json, sys
+    import numpy as np
+    from lcls_dl.distributed.mpi_world import MPIWorld
+    from lcls_dl.distributed.allreduce import GradientAverager
+
+    world = MPIWorld()
+    rng = np.random.default_rng(10 + world.rank)
+    grads = [rng.normal(size=s).astype(np.float32) for s in [(3, 3), (4000,), (0,), (9, 70)]]
+    every = world.allgather_object(grads)
+    exact = [np.mean([np.float64(e[i]) for e in every], axis=0) for i in range(len(grads))]
+    res = {"size": world.size}
+    variants = [(c, o, 1 << 20) for c in (None, "fp16", "bf16") for o in (False, True)]
+    variants += [(None, False, 1024), (None, True, 1024)]   # big arrays reduced in place
+    for comp, overlap, direct in variants:
+        avg = GradientAverager(world.comm, bucket_bytes=2048, compression=comp,
+                               overlap=overlap, direct_bytes=direct)
+        for _ in range(2):          # buffers reused; inputs may be overwritten
+            mine = [g.copy() for g in grads]
+            out = avg(mine)
+        if direct == 1024:
+            assert out[1] is mine[1] and out[0] is not mine[0]
+        # error relative to the size of the summands (sums may cancel)
+        scale = [np.mean([np.abs(e[i]) for e in every], axis=0) for i in range(len(grads))]
+        err = max(float(np.max(np.abs(o - e) / np.maximum(s, 1e-3), initial=0))
+                  for o, e, s in zip(out, exact, scale))
+        same = world.allgather_object([o.tobytes() for o in out])
+        key = f"{comp}-{overlap}" + ("-direct" if direct == 1024 else "")
+        res[key] = {"err": err, "buckets": avg.n_buckets, "calls": avg.n_calls,
+                    "identical": same[0] == same[1]}
+    res["sum"] = world.allreduce_sum(world.rank + 1)
+    res["agree_mixed"] = world.agree(world.rank == 0)
+    res["agree_all"] = world.agree(True)
+    b = [np.full(5, world.rank + 3.0)]
+    world.broadcast(b, root=1)
+    res["bcast"] = b[0].tolist()
+    res["obj"] = world.bcast_object({"r": world.rank}, root=0)
+    if world.rank == 0:
+        json.dump(res, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_gradient_averager_two_ranks(tmp_path):
+    script = write_script(tmp_path, "avg.py", AVERAGER_SCRIPT)
+    proc = mpirun(script, [tmp_path / "res.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["size"] == 2
+    for overlap in ("False", "True"):
+        assert res[f"None-{overlap}"]["err"] < 1e-6
+        assert res[f"None-{overlap}-direct"]["err"] < 1e-6
+        assert res[f"fp16-{overlap}"]["err"] < 2.0 ** -9
+        assert res[f"bf16-{overlap}"]["err"] < 2.0 ** -6
+        assert res[f"fp16-{overlap}"]["err"] > 0                 # really compressed
+    assert all(v["identical"] for k, v in res.items() if isinstance(v, dict) and "err" in v)
+    assert res["None-False"]["buckets"] == -(-(9 + 4000 + 630) * 4 // 2048)
+    # direct: 4000- and 630-float arrays in 512-float chunks, the 9 floats packed
+    assert res["None-False-direct"]["calls"] == 1 + 8 + 2
+    assert res["sum"] == 3 and res["agree_mixed"] is False and res["agree_all"] is True
+    assert res["bcast"] == [4.0] * 5 and res["obj"] == {"r": 0}
+
+
+EQUIV_SCRIPT = """
+    # One SGD training loop, as lcls-dl's trainer runs it: per-rank batch B, gradients
+    # averaged with world.allreduce_mean. np=1 takes batch 2B over the same frames.
+    import sys
+    import numpy as np
+    import lcls_dl.distributed as ld
+    from lcls_dl.distributed.mpi_world import get_world
+
+    world = get_world(bucket_bytes=4096)
+    ld.init(threads=True)
+    import keras
+    import tensorflow as tf
+    tf.config.experimental.enable_op_determinism()
+    keras.config.set_floatx("float64")
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6, 6, 1))
+    y = (x[:, :3].mean(axis=(1, 2, 3)) > x[:, 3:].mean(axis=(1, 2, 3))).astype("int64")
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(3, 3, activation="tanh"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    init = [w.copy() for w in model.get_weights()]
+    init = world.broadcast(init)
+    model.set_weights(init)
+    opt = keras.optimizers.SGD(learning_rate=0.1)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    B = 8 // world.size                       # per-rank batch; global batch 8
+    for step in range(6):
+        lo = step * 8 + world.rank * B
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[lo:lo + B], model(x[lo:lo + B], training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads = world.allreduce_mean([g.numpy() for g in grads])
+        opt.apply(grads, model.trainable_variables)
+    np.savez(f"{sys.argv[1]}-rank{world.rank}.npz", *model.get_weights(), *init)
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@needs_mpi
+def test_np2_matches_np1_with_double_batch_and_ranks_agree_bitwise(tmp_path):
+    script = write_script(tmp_path, "equiv.py", EQUIV_SCRIPT)
+    one = mpirun(script, [tmp_path / "np1"], tmp_path, n=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = mpirun(script, [tmp_path / "np2"], tmp_path, n=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    w1 = np.load(tmp_path / "np1-rank0.npz")
+    r0, r1 = np.load(tmp_path / "np2-rank0.npz"), np.load(tmp_path / "np2-rank1.npz")
+    keys = sorted(w1.files, key=lambda k: int(k.split("_")[1]))
+    n = len(keys) // 2
+    trained, initial = keys[:n], keys[n:]
+    for k in keys:
+        assert r0[k].tobytes() == r1[k].tobytes(), f"ranks differ in {k}"
+    for k in initial:                                 # same start on both runs
+        assert np.array_equal(w1[k], r0[k])
+    for k, k0 in zip(trained, initial):
+        assert not np.allclose(w1[k], w1[k0])         # training moved the weights
+        np.testing.assert_allclose(r0[k], w1[k], rtol=1e-9, atol=1e-12)
+
+
+USER_SCRIPT = """
+    # A user's own Keras 3 script, made data-parallel with lcls_dl.distributed
+    import sys
+    import numpy as np
+    import lcls_dl.distributed as ld
+
+    ld.init()
+    import keras
+    keras.utils.set_random_seed(100 + ld.rank())   # different init per rank on purpose
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8, 8, 1)).astype("float32")
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype("int64")
+    xs, ys = ld.shard(x, y, labels=y, seed=1)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+    opt = ld.DistributedOptimizer(keras.optimizers.Adam(ld.scale_lr(2e-3)))
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    hist = model.fit(xs, ys, batch_size=20, epochs=4, verbose=0,
+                     callbacks=[ld.MetricAverageCallback(), ld.BroadcastCallback()])
+    print(f"rank {ld.rank()} of {ld.size()} shard {len(xs)} loss", *hist.history["loss"])
+    np.savez(sys.argv[1] + f"-rank{ld.rank()}.npz", *model.get_weights())
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@needs_mpi
+def test_user_keras_script_via_lcls_dl_run(tmp_path, cli):
+    script = write_script(tmp_path, "mine.py", USER_SCRIPT)
+    proc = cli("run", "--np", "2", str(script), str(tmp_path / "w"), timeout=150,
+               env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if " loss " in ln]
+    assert len(lines) == 2 and {ln.split("]")[0] for ln in lines} == {"[1,0", "[1,1"}
+    assert all("of 2 shard 100 " in ln for ln in lines)
+    losses = [[float(v) for v in ln.split(" loss ")[1].split()] for ln in lines]
+    assert losses[0] == losses[1]                     # metrics averaged over ranks
+    assert losses[0][-1] < losses[0][0]               # it learns
+    r0, r1 = np.load(tmp_path / "w-rank0.npz"), np.load(tmp_path / "w-rank1.npz")
+    assert all(r0[k].tobytes() == r1[k].tobytes() for k in r0.files)
+
+
+FEW_FRAMES_SCRIPT = """
+    import numpy as np
+    import lcls_dl.distributed as ld
+    from lcls_dl.distributed.partition import partition
+
+    w = ld.init(threads=False)
+    partition(np.array([42]), np.array([0]), epoch=0, seed=0, rank=w.rank, size=w.size)
+"""
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_fewer_frames_than_ranks_fails_clearly(tmp_path, cli):
+    script = write_script(tmp_path, "few.py", FEW_FRAMES_SCRIPT)
+    proc = cli("run", "--np", "2", str(script), timeout=90)
+    assert proc.returncode != 0
+    assert "only 1 labeled frames for 2 ranks" in proc.stderr
