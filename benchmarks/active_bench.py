@@ -60,7 +60,8 @@ def combine_datasets(dirs, out):
             k += 1
     manifest = dict(manifests[0])
     manifest.update({"shards": shards, "n_frames": sum(s["frames"] for s in shards),
-                     "classes": classes, "inputs": sum((m.get("inputs", []) for m in manifests), []),
+                     "classes": classes,
+                     "inputs": sum((m.get("inputs", []) for m in manifests), []),
                      "command": "benchmarks/active_bench.py combine " + " ".join(dirs)})
     # labels of the source datasets would be ignored by the loop anyway; keep them
     write_json(os.path.join(out, "manifest.json"), manifest)
@@ -176,6 +177,13 @@ def main(argv=None):
         ratio = f"{ratio:.2f}" if isinstance(ratio, float) else (ratio or "-")
         print(f"| {s} | {n if n is not None else 'not reached'} | {ratio} | "
               f"{res['final_accuracy'][s]:.4f} ({res['max_labels'][s]}) | {secs[s]:.0f} |")
+    strategies = list(res["labels_to_target"])
+    print("\nlabels needed to reach each held-out accuracy (- = not reached):\n")
+    print("| accuracy | " + " | ".join(strategies) + " |")
+    print("|---|" + "---|" * len(strategies))
+    for t, need in res["labels_to_accuracy"].items():
+        print(f"| {float(t):.0%} | " + " | ".join(
+            str(need[s]) if need[s] is not None else "-" for s in strategies) + " |")
     best = [n for s, n in res["labels_to_target"].items() if s != "random" and n is not None]
     rnd = res["labels_to_target"].get("random")
     verdict = {"best_labels": min(best) if best else None, "random_labels": rnd,

@@ -11,6 +11,7 @@ Import :func:`bench_ingest_e2e` (``benchmarks/ingest_bench.py`` does) or run::
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,9 @@ def bench_ingest_e2e(n_frames=200, nps=(1, 2), workdir=None, detector="cspad", s
     -------
     dict
         ``{"frames", "detector", "cores", "results": [{"np", "seconds", "frames_per_s",
-        "scaling"}]}``.
+        "job_seconds", "job_frames_per_s", "scaling"}]}``: ``seconds`` is the command's wall
+        time (with interpreter and mpiexec start-up), ``job_seconds`` the time the command
+        itself reports from planning to manifest.
     """
     tmp = None
     if workdir is None:
@@ -74,16 +77,21 @@ def bench_ingest_e2e(n_frames=200, nps=(1, 2), workdir=None, detector="cspad", s
             best = None
             for _ in range(repeat):
                 out = os.path.join(workdir, f"data_np{np_}")
-                cmd = [sys.executable, "-m", "lcls_dl", "-q", "ingest", run_dir, "--out", out,
+                cmd = [sys.executable, "-m", "lcls_dl", "ingest", run_dir, "--out", out,
                        "--shard-size", str(shard_size), "--np", str(np_), "--force"]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 dt = time.perf_counter() - t0
                 if proc.returncode != 0:
                     raise RuntimeError(f"ingest --np {np_} failed: {proc.stderr.strip()}")
-                best = dt if best is None else min(best, dt)
-            results.append({"np": int(np_), "seconds": round(best, 3),
-                            "frames_per_s": round(n_frames / best, 2)})
+                m = re.search(r"wrote .* in ([0-9.]+) s", proc.stdout)
+                job = float(m.group(1)) if m else float("nan")
+                if best is None or dt < best[0]:
+                    best = (dt, job)
+            results.append({"np": int(np_), "seconds": round(best[0], 3),
+                            "frames_per_s": round(n_frames / best[0], 2),
+                            "job_seconds": best[1],
+                            "job_frames_per_s": round(n_frames / best[1], 2)})
         base = results[0]["frames_per_s"]
         for r in results:
             r["scaling"] = round(r["frames_per_s"] / base, 3)
@@ -108,8 +116,8 @@ def main(argv=None):
                            repeat=args.repeat, compression=args.compression)
     print(json.dumps(res, indent=2))
     for r in res["results"]:
-        print(f"--np {r['np']}: {r['seconds']:.1f} s, {r['frames_per_s']:.1f} frames/s, "
-              f"scaling {r['scaling']:.2f}x")
+        print(f"--np {r['np']}: {r['seconds']:.1f} s, {r['frames_per_s']:.1f} frames/s "
+              f"(in-job {r['job_frames_per_s']:.1f} frames/s), scaling {r['scaling']:.2f}x")
 
 
 if __name__ == "__main__":

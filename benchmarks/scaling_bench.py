@@ -127,7 +127,7 @@ def lcls_rank(args):
     def step(k):
         nonlocal t_comm
         xb, yb = batches[k % len(batches)]
-        if world.size == 1:
+        if world.size == 1 or args.no_comm:
             return fused_step(xb, yb)
         loss, grads = grad_step(xb, yb)
         t0 = time.perf_counter()
@@ -154,11 +154,11 @@ def lcls_rank(args):
               flush=True)
 
 
-def run_lcls(np_, args):
+def run_lcls(np_, args, no_comm=False):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     cmd = [mpiexec, "-n", str(np_), "--oversubscribe", "--bind-to", "none", sys.executable,
            HERE, "--role", "lcls", "--steps", str(args.steps), "--batch", str(args.batch),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup)] + (["--no-comm"] if no_comm else [])
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"lcls-dl np={np_} failed:\n{out.stderr[-3000:]}")
@@ -304,6 +304,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--skip-mwms", action="store_true")
+    ap.add_argument("--no-comm", action="store_true",
+                    help=argparse.SUPPRESS)  # rank role: skip the gradient exchange
     ap.add_argument("--repeat", type=int, default=1, help="repeat the np=1/np=2 pair")
     args = ap.parse_args()
     if args.role == "lcls":
@@ -315,23 +317,28 @@ def main():
 
     print(f"host: {os.cpu_count()} cores; per-rank batch {args.batch}; {args.steps} steps "
           f"after {args.warmup} warmup; 1 compute thread per rank", flush=True)
-    pairs = []
-    for _ in range(args.repeat):
-        one, two = run_lcls(1, args), run_lcls(2, args)
-        pairs.append((one, two))
+    # one round = np=1, np=2 without gradient exchange (what the machine gives two
+    # processes now), lcls-dl np=2, MWMS np=2: run back to back so they see similar load
+    for r in range(args.repeat):
+        one = run_lcls(1, args)
+        ceiling = run_lcls(2, args, no_comm=True)
+        two = run_lcls(2, args)
+        print(f"[round {r + 1}]")
         print(f"lcls-dl np=1: {one['images_per_s']:8.1f} img/s  step {one['step_s'] * 1e3:7.2f} ms"
               f"   ({one['params']} params)")
+        print(f"np=2, no gradient exchange (machine ceiling): {ceiling['images_per_s']:8.1f} img/s"
+              f"  = {ceiling['images_per_s'] / one['images_per_s']:.2f}x np=1")
         print(f"lcls-dl np=2: {two['images_per_s']:8.1f} img/s  step {two['step_s'] * 1e3:7.2f} ms"
-              f"  (allreduce {two['allreduce_s_per_step'] * 1e3:.2f} ms/step)")
+              f"  (allreduce incl. waiting {two['allreduce_s_per_step'] * 1e3:.2f} ms/step)")
         print(f"weak scaling np=2/np=1: {two['images_per_s'] / one['images_per_s']:.2f}x "
-              f"(target >= 1.8x)", flush=True)
-    one, two = pairs[-1]
-    if not args.skip_mwms:
-        mw = run_mwms(2, args)
-        print(f"TF MWMS np=2 (Keras 3 model, custom loop, gRPC RING): "
-              f"{mw['images_per_s']:8.1f} img/s  step {mw['step_s'] * 1e3:7.2f} ms")
-        print(f"lcls-dl vs MWMS step time at np=2: {mw['step_s'] / two['step_s']:.2f}x faster "
-              f"(target >= 1.2x)", flush=True)
+              f"(target >= 1.8x); of the ceiling: "
+              f"{two['images_per_s'] / ceiling['images_per_s'] * 100:.0f}%", flush=True)
+        if not args.skip_mwms:
+            mw = run_mwms(2, args)
+            print(f"TF MWMS np=2 (Keras 3 model, custom loop, gRPC RING): "
+                  f"{mw['images_per_s']:8.1f} img/s  step {mw['step_s'] * 1e3:7.2f} ms")
+            print(f"lcls-dl vs MWMS step time at np=2: {mw['step_s'] / two['step_s']:.2f}x "
+                  f"faster (target >= 1.2x)", flush=True)
     fit = run_fit(args)
     print("allreduce at np=2 on this machine (bytes, best ms):",
           ", ".join(f"{int(b)}:{t * 1e3:.3f}" for b, t, _ in fit["rows"]))

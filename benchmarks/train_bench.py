@@ -15,6 +15,7 @@ The machine's cores may be shared with other work: timings are wall clock, so sa
 Usage::
 
     python benchmarks/train_bench.py --workdir /tmp/train-bench [--epochs 20] [--models cnn+dnn,cnn,dnn]
+        [--data data2 --preprocess peak_max_pixels=5000]
 """
 import argparse
 import csv
@@ -36,21 +37,22 @@ def sh(args, log):
     return time.perf_counter() - t
 
 
-def prepare(workdir, n_train, n_test, seed):
+def prepare(workdir, n_train, n_test, seed, data="data", preprocess=()):
     os.makedirs(workdir, exist_ok=True)
     log = open(os.path.join(workdir, "prepare.log"), "a")
     times = {}
     for name, n, s, run in (("train", n_train, seed, 1), ("test", n_test, seed + 1, 2)):
-        sim, data = os.path.join(workdir, f"sim_{name}"), os.path.join(workdir, f"data_{name}")
+        sim, out = os.path.join(workdir, f"sim_{name}"), os.path.join(workdir, f"{data}_{name}")
         if not os.path.isfile(os.path.join(sim, "truth.csv")):
             times[f"simulate_{name}"] = sh(LCLS + ["-q", "simulate", sim, "--frames", str(n),
                                                    "--seed", str(s), "--run", str(run),
                                                    "--mix", "water=0.5,ice=0.5,miss=0",
                                                    "--overwrite"], log)
-        if not os.path.isfile(os.path.join(data, "manifest.json")):
+        if not os.path.isfile(os.path.join(out, "manifest.json")):
+            extra = [a for kv in preprocess for a in ("--preprocess", kv)]
             times[f"ingest_{name}"] = sh(LCLS + ["-q", "ingest", sim, "--labels",
-                                                 os.path.join(sim, "truth.csv"), "--out", data],
-                                         log)
+                                                 os.path.join(sim, "truth.csv"), "--out", out]
+                                         + extra, log)
     return times
 
 
@@ -88,15 +90,15 @@ def error_breakdown(ids, y, pred, classes, truth):
     return out
 
 
-def bench_model(kind, workdir, epochs, seed, batch_size, target=0.97):
+def bench_model(kind, workdir, epochs, seed, batch_size, target=0.97, data="data"):
     from lcls_dl.dataset import Dataset
     from lcls_dl.models.calibration import softmax
     from lcls_dl.models.model_dir import dataset_logits, map_labels
     from lcls_dl.models.training import TrainConfig, run_training
 
-    test = Dataset(os.path.join(workdir, "data_test"))
+    test = Dataset(os.path.join(workdir, f"{data}_test"))
     rows = test.labeled
-    out_dir = os.path.join(workdir, f"model_{kind.replace('+', '_')}")
+    out_dir = os.path.join(workdir, f"model_{data}_{kind.replace('+', '_')}")
     state = {"t0": None, "eval_s": 0.0, "t97": None, "epochs": []}
 
     def on_epoch(epoch, logs, model):
@@ -115,7 +117,7 @@ def bench_model(kind, workdir, epochs, seed, batch_size, target=0.97):
     cfg = TrainConfig(model=kind, epochs=epochs, batch_size=batch_size, seed=seed,
                       val_fraction=0.15, patience=6, progress=False)
     state["t0"] = time.perf_counter()
-    meta = run_training(os.path.join(workdir, "data_train"), out_dir, cfg, overwrite=True,
+    meta = run_training(os.path.join(workdir, f"{data}_train"), out_dir, cfg, overwrite=True,
                         callbacks=[on_epoch])
     wall = time.perf_counter() - state["t0"]
     from lcls_dl.models.model_dir import load_model_dir
@@ -149,12 +151,17 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=11)
     ap.add_argument("--models", default="cnn+dnn,cnn,dnn")
+    ap.add_argument("--data", default="data", help="dataset dir prefix in the workdir")
+    ap.add_argument("--preprocess", action="append", default=[], metavar="KEY=VALUE",
+                    help="ingest --preprocess override (repeatable)")
     args = ap.parse_args()
-    times = prepare(args.workdir, args.train_frames, args.test_frames, args.data_seed)
+    times = prepare(args.workdir, args.train_frames, args.test_frames, args.data_seed, args.data,
+                    args.preprocess)
     results = []
     for kind in args.models.split(","):
-        results.append(bench_model(kind, args.workdir, args.epochs, args.seed, args.batch_size))
-        with open(os.path.join(args.workdir, "train_bench.json"), "w") as fh:
+        results.append(bench_model(kind, args.workdir, args.epochs, args.seed, args.batch_size,
+                                   data=args.data))
+        with open(os.path.join(args.workdir, f"train_bench_{args.data}.json"), "w") as fh:
             json.dump({"prepare_s": times, "results": results, "cpus": os.cpu_count()}, fh,
                       indent=2)
     print(f"\n{'model':<8} {'params':>7} {'held-out acc':>12} {'time-to-97%':>12} "

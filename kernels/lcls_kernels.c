@@ -7,6 +7,10 @@
 #include <float.h>
 #include <math.h>
 #include <string.h>
+#if defined(__SSE2__) && defined(__x86_64__)
+#include <emmintrin.h>
+#define LCLS_HAVE_SSE2 1
+#endif
 
 int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
 
@@ -16,10 +20,25 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
       (offset_px ? (double)offset_px[i] : offset)) *                         \
      (scale_px ? (double)scale_px[i] : scale))
 
+/* Candidate spans: pixel ranges within one bin holding at least one pixel
+ * above cand_thr, with their largest (non-excluded) photon value. */
+struct lcls_spans {
+    int32_t *start, *len;
+    double *max;
+};
+
+#define EMIT_SPAN(S, L, M)                                                    \
+    do {                                                                      \
+        sp->start[ns] = (int32_t)(S);                                         \
+        sp->len[ns] = (int32_t)(L);                                           \
+        sp->max[ns] = (M);                                                    \
+        ns++;                                                                 \
+    } while (0)
+
 /* One run of pixels [s, s + len) sharing bin b. Fast path: sums, squares and
  * max with two independent chains; a run holding a hot or non-finite pixel is
- * redone pixel by pixel (exclusions); a run whose max exceeds cand_thr appends
- * its candidates without branches. */
+ * redone pixel by pixel (exclusions); a run whose max exceeds cand_thr is a
+ * candidate span. */
 #define DEFINE_ACC(NAME, CONV, T)                                             \
     static void NAME(const void *restrict frame, int64_t n_runs,              \
                      const int32_t *restrict run_start,                       \
@@ -30,12 +49,11 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
                      double offset, double scale, double hot,                 \
                      double cand_thr, double *restrict sum,                   \
                      double *restrict sumsq, int32_t *restrict excluded,      \
-                     int32_t *restrict cand, int64_t *n_cand, double *vmax,   \
-                     int64_t *n_nonfinite)                                    \
+                     struct lcls_spans *sp, int64_t *counts, double *vmax)   \
     {                                                                         \
         (void)offset_px; (void)scale_px;                                      \
         double vm = -HUGE_VAL;                                                \
-        int64_t nc = 0, nnf = 0;                                              \
+        int64_t ns = 0, nl = 0, nnf = 0;                                              \
         for (int64_t r = 0; r < n_runs; r++) {                                \
             const int64_t s = run_start[r], e = s + run_len[r];               \
             const int32_t b = run_bin[r];                                     \
@@ -60,28 +78,27 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
                     const double v = CONV(T, i);                              \
                     if (v <= hot && v >= -DBL_MAX) {                          \
                         ps += v; pq += v * v; pm = v > pm ? v : pm;           \
-                        cand[nc] = (int32_t)i;                                \
-                        nc += (v > cand_thr);                                 \
+                        nl += (v > cand_thr);                                 \
                     } else {                                                  \
                         excluded[b]++;                                        \
                         nnf += !isfinite(v);                                  \
                     }                                                         \
                 }                                                             \
                 sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;         \
+                if (pm > cand_thr) EMIT_SPAN(s, e - s, pm);         \
                 continue;                                                     \
             }                                                                 \
             if (m > cand_thr) {                                               \
                 for (i = s; i < e; i++) {                                     \
-                    cand[nc] = (int32_t)i;                                    \
-                    nc += (CONV(T, i) > cand_thr);                            \
+                    nl += (CONV(T, i) > cand_thr);                            \
                 }                                                             \
+                EMIT_SPAN(s, e - s, m);                                       \
             }                                                                 \
             sum[b] += a; sumsq[b] += q;                                       \
             vm = m > vm ? m : vm;                                             \
         }                                                                     \
         *vmax = vm;                                                           \
-        *n_cand = nc;                                                         \
-        *n_nonfinite = nnf;                                                   \
+        counts[0] = ns; counts[1] = nl; counts[2] = nnf;                      \
     }
 
 /* Small integer frames with a scalar offset and scale > 0: sum the raw values
@@ -96,11 +113,11 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
                      double offset, double scale, double hot,                 \
                      double cand_thr, double *restrict sum,                   \
                      double *restrict sumsq, int32_t *restrict excluded,      \
-                     int32_t *restrict cand, int64_t *n_cand, double *vmax)   \
+                     struct lcls_spans *sp, int64_t *counts, double *vmax)   \
     {                                                                         \
         const T *restrict f = (const T *)frame;                               \
         double vm = -HUGE_VAL;                                                \
-        int64_t nc = 0;                                                       \
+        int64_t ns = 0, nl = 0;                                                       \
         for (int64_t r = 0; r < n_runs; r++) {                                \
             const int64_t s = run_start[r], len = run_len[r], e = s + len;    \
             const int32_t b = run_bin[r];                                     \
@@ -119,20 +136,20 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
                     const double v = ((double)f[i] - offset) * scale;         \
                     if (v <= hot) {                                           \
                         ps += v; pq += v * v; pm = v > pm ? v : pm;           \
-                        cand[nc] = (int32_t)i;                                \
-                        nc += (v > cand_thr);                                 \
+                        nl += (v > cand_thr);                                 \
                     } else {                                                  \
                         excluded[b]++;                                        \
                     }                                                         \
                 }                                                             \
                 sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;         \
+                if (pm > cand_thr) EMIT_SPAN(s, e - s, pm);         \
                 continue;                                                     \
             }                                                                 \
             if (v_m > cand_thr) {                                             \
                 for (int64_t i = s; i < e; i++) {                             \
-                    cand[nc] = (int32_t)i;                                    \
-                    nc += (((double)f[i] - offset) * scale > cand_thr);       \
+                    nl += (((double)f[i] - offset) * scale > cand_thr);       \
                 }                                                             \
+                EMIT_SPAN(s, len, v_m);                                       \
             }                                                                 \
             const double da = (double)a, dl = (double)len;                    \
             sum[b] += (da - dl * offset) * scale;                             \
@@ -141,13 +158,139 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
             vm = v_m > vm ? v_m : vm;                                         \
         }                                                                     \
         *vmax = vm;                                                           \
-        *n_cand = nc;                                                         \
+        counts[0] = ns; counts[1] = nl; counts[2] = 0;                        \
     }
 
 DEFINE_ACC_INT(acc_int_u8, uint8_t)
 DEFINE_ACC_INT(acc_int_i8, int8_t)
 DEFINE_ACC_INT(acc_int_u16, uint16_t)
 DEFINE_ACC_INT(acc_int_i16, int16_t)
+
+#ifdef LCLS_HAVE_SSE2
+/* uint16 frames (the common case), scalar offset and scale > 0: each run is
+ * taken in chunks of up to 16 pixels with two 128-bit loads and a lane mask;
+ * sums, sums of squares (exact, int64) and the max come from SSE2 reductions,
+ * so a chunk costs no data-dependent branch. Values are biased by -32768 to
+ * use the signed 16-bit instructions; the bias is removed exactly. */
+/* portable popcount (no -mpopcnt in the build flags: avoid the libgcc call) */
+static inline int popcount32(uint32_t x)
+{
+    x = x - ((x >> 1) & 0x55555555u);
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+    x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+    return (int)((x * 0x01010101u) >> 24);
+}
+
+static const uint16_t lane_mask_src[32] = {
+    0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF,
+    0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+
+static void acc_sse_u16(const void *restrict frame, int64_t n_pixels,
+                        int64_t n_runs, const int32_t *restrict run_start,
+                        const int32_t *restrict run_len,
+                        const int32_t *restrict run_bin, double offset,
+                        double scale, double hot, double cand_thr,
+                        double *restrict sum, double *restrict sumsq,
+                        int32_t *restrict excluded, struct lcls_spans *sp,
+                        int64_t *counts, double *vmax)
+{
+    const uint16_t *restrict f = (const uint16_t *)frame;
+    const __m128i bias = _mm_set1_epi16((short)0x8000);
+    const __m128i ones = _mm_set1_epi16(1);
+    const __m128i zero = _mm_setzero_si128();
+    const double scale2 = scale * scale, off2 = offset * offset;
+    /* smallest raw value whose photon value exceeds cand_thr (monotonic in raw) */
+    int32_t raw_cand = 65536;
+    if (cand_thr < HUGE_VAL) {
+        double guess = floor(cand_thr / scale + offset) - 2.0;
+        int32_t g = guess < 0.0 ? 0 : guess > 65536.0 ? 65536 : (int32_t)guess;
+        while (g > 0 && ((double)(g - 1) - offset) * scale > cand_thr) g--;
+        while (g < 65536 && !(((double)g - offset) * scale > cand_thr)) g++;
+        raw_cand = g;
+    }
+    /* biased compare value: lane > cmp  <=>  raw >= raw_cand (raw_cand >= 1) */
+    const __m128i cand_cmp = _mm_set1_epi16((short)((raw_cand - 1 - 32768) & 0xFFFF));
+    double vm = -HUGE_VAL;
+    int64_t ns = 0, nl = 0;
+    for (int64_t r = 0; r < n_runs; r++) {
+        const int64_t e = (int64_t)run_start[r] + run_len[r];
+        const int32_t b = run_bin[r];
+        for (int64_t s = run_start[r]; s < e; s += 16) {
+            const int64_t len = e - s < 16 ? e - s : 16;
+            int64_t a, q;
+            int32_t m;
+            uint32_t lanes = 0; /* 2 bits per candidate pixel, when known */
+            if (s + 16 <= n_pixels) {
+                const __m128i mlo = _mm_loadu_si128((const __m128i *)(lane_mask_src + 16 - len));
+                const __m128i mhi = _mm_loadu_si128((const __m128i *)(lane_mask_src + 24 - len));
+                __m128i lo = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s)), mlo);
+                __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
+                lo = _mm_xor_si128(lo, bias); /* raw - 32768, masked lanes -32768 */
+                hi = _mm_xor_si128(hi, bias);
+                __m128i mx = _mm_max_epi16(lo, hi);
+                mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 8));
+                mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 4));
+                mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 2));
+                m = (int32_t)(int16_t)_mm_cvtsi128_si32(mx) + 32768;
+                __m128i s32 = _mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones));
+                s32 = _mm_add_epi32(s32, _mm_srli_si128(s32, 8));
+                s32 = _mm_add_epi32(s32, _mm_srli_si128(s32, 4));
+                const int64_t sb = _mm_cvtsi128_si32(s32); /* sum of biased values */
+                /* pair sums of squares are <= 2^31: unsigned 32-bit, widen to 64 */
+                const __m128i q1 = _mm_madd_epi16(lo, lo), q2 = _mm_madd_epi16(hi, hi);
+                __m128i q64 = _mm_add_epi64(
+                    _mm_add_epi64(_mm_unpacklo_epi32(q1, zero), _mm_unpackhi_epi32(q1, zero)),
+                    _mm_add_epi64(_mm_unpacklo_epi32(q2, zero), _mm_unpackhi_epi32(q2, zero)));
+                q64 = _mm_add_epi64(q64, _mm_srli_si128(q64, 8));
+                const int64_t qb = (int64_t)_mm_cvtsi128_si64(q64);
+                a = sb + 16 * 32768;                       /* masked lanes add 0 */
+                q = qb + 65536 * sb + 16 * ((int64_t)1 << 30);
+                if (raw_cand >= 1 && m >= raw_cand) {
+                    lanes = (uint32_t)_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi16(lo, cand_cmp), mlo)) |
+                            ((uint32_t)_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi16(hi, cand_cmp), mhi)) << 16);
+                }
+            } else { /* last pixels of the frame: no reads past its end */
+                a = 0; q = 0; m = 0;
+                for (int64_t i = s; i < s + len; i++) {
+                    const int32_t x = f[i];
+                    a += x; q += (int64_t)x * x; m = x > m ? x : m;
+                }
+            }
+            const double v_m = ((double)m - offset) * scale;
+            if (!(v_m <= hot)) {
+                double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;
+                for (int64_t i = s; i < s + len; i++) {
+                    const double v = ((double)f[i] - offset) * scale;
+                    if (v <= hot) {
+                        ps += v; pq += v * v; pm = v > pm ? v : pm;
+                        nl += (v > cand_thr);
+                    } else {
+                        excluded[b]++;
+                    }
+                }
+                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;
+                if (pm > cand_thr) EMIT_SPAN(s, len, pm);
+                continue;
+            }
+            if (lanes) {
+                nl += popcount32(lanes) >> 1;
+                EMIT_SPAN(s, len, v_m);
+            } else if (v_m > cand_thr) {
+                for (int64_t i = s; i < s + len; i++) {
+                    nl += (((double)f[i] - offset) * scale > cand_thr);
+                }
+                EMIT_SPAN(s, len, v_m);
+            }
+            const double da = (double)a, dl = (double)len;
+            sum[b] += (da - dl * offset) * scale;
+            sumsq[b] += (((double)q - 2.0 * offset * da) + dl * off2) * scale2;
+            vm = v_m > vm ? v_m : vm;
+        }
+    }
+    *vmax = vm;
+    counts[0] = ns; counts[1] = nl; counts[2] = 0;
+}
+#endif
 
 #define DEFINE_ACC_PAIR(SUFFIX, T)                                            \
     DEFINE_ACC(acc_s_##SUFFIX, CONV_SCALAR, T)                                \
@@ -162,15 +305,18 @@ DEFINE_ACC_PAIR(i32, int32_t)
 DEFINE_ACC_PAIR(f32, float)
 DEFINE_ACC_PAIR(f64, double)
 
-int lcls_accumulate(const void *frame, int dtype, int64_t n_runs,
+int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
+                    int64_t n_runs,
                     const int32_t *run_start, const int32_t *run_len,
                     const int32_t *run_bin, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
                     double offset, double scale, double hot, double cand_thr,
                     double *sum, double *sumsq, int32_t *excluded,
-                    int32_t *cand, int64_t *n_cand,
-                    double *vmax, int64_t *n_nonfinite)
+                    int32_t *span_start, int32_t *span_len, double *span_max,
+                    int64_t *counts, double *vmax)
 {
+    struct lcls_spans spans = {span_start, span_len, span_max};
+    struct lcls_spans *sp = &spans;
     const int per_pixel = offset_px != NULL || scale_px != NULL;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX; /* +inf pixels are never "not hot" */
     memset(sum, 0, sizeof(double) * (size_t)n_bins);
@@ -178,11 +324,20 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_runs,
     memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
 
     if (!per_pixel && scale > 0 && dtype >= LCLS_U8 && dtype <= LCLS_I16) {
-        *n_nonfinite = 0;
+#ifdef LCLS_HAVE_SSE2
+        if (dtype == LCLS_U16) {
+            acc_sse_u16(frame, n_pixels, n_runs, run_start, run_len, run_bin,
+                        offset, scale, hot, cand_thr, sum, sumsq, excluded,
+                        sp, counts, vmax);
+            return 0;
+        }
+#else
+        (void)n_pixels;
+#endif
 #define DISPATCH(SUFFIX)                                                      \
     acc_int_##SUFFIX(frame, n_runs, run_start, run_len, run_bin, offset,      \
-                     scale, hot, cand_thr, sum, sumsq, excluded, cand,        \
-                     n_cand, vmax)
+                     scale, hot, cand_thr, sum, sumsq, excluded, sp, counts,  \
+                     vmax)
         switch (dtype) {
         case LCLS_U8: DISPATCH(u8); break;
         case LCLS_I8: DISPATCH(i8); break;
@@ -195,8 +350,8 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_runs,
 #define DISPATCH(SUFFIX)                                                      \
     (per_pixel ? acc_p_##SUFFIX : acc_s_##SUFFIX)(                            \
         frame, n_runs, run_start, run_len, run_bin, offset_px, scale_px,      \
-        offset, scale, hot, cand_thr, sum, sumsq, excluded, cand, n_cand,     \
-        vmax, n_nonfinite)
+        offset, scale, hot, cand_thr, sum, sumsq, excluded, sp, counts,       \
+        vmax)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;
     case LCLS_I8: DISPATCH(i8); break;
@@ -224,7 +379,9 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_runs,
                      const double *restrict thr, const double *restrict bg,   \
                      const int32_t *restrict panel, int connectivity,         \
                      int64_t min_pix, int64_t max_pix,                        \
-                     const int32_t *restrict cand, int64_t n_cand,            \
+                     const int32_t *restrict span_start,                      \
+                     const int32_t *restrict span_len,                        \
+                     const double *restrict span_max, int64_t n_spans,        \
                      uint8_t *restrict visited, int32_t *restrict stack,      \
                      double *out)                                             \
     {                                                                         \
@@ -238,8 +395,10 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_runs,
         const int64_t block = ny * nx;                                        \
         int64_t top = 0, n_peaks = 0;                                         \
         double total = 0.0;                                                   \
-        for (int64_t c = 0; c < n_cand; c++) {                                \
-            const int64_t seed = cand[c];                                     \
+        for (int64_t c = 0; c < n_spans; c++) {                               \
+          const int64_t s0 = span_start[c], s1 = s0 + span_len[c];            \
+          if (bins[s0] < 0 || !(span_max[c] > thr[bins[s0]])) continue;       \
+          for (int64_t seed = s0; seed < s1; seed++) {                        \
             const int32_t bs = bins[seed];                                    \
             if (bs < 0 || visited[seed]) continue;                            \
             const double vs = CONV_PIXEL(T, seed);                            \
@@ -271,6 +430,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_runs,
                 n_peaks++;                                                    \
                 total += isum;                                                \
             }                                                                 \
+          }                                                                   \
         }                                                                     \
         for (int64_t k = 0; k < top; k++) visited[stack[k]] = 0;              \
         out[0] = (double)n_peaks;                                             \
@@ -295,15 +455,17 @@ int lcls_find_peaks(const void *frame, int dtype,
                     const double *thr, const double *bg,
                     const int32_t *panel, int connectivity,
                     int64_t min_pix, int64_t max_pix,
-                    const int32_t *cand, int64_t n_cand,
+                    const int32_t *span_start, const int32_t *span_len,
+                    const double *span_max, int64_t n_spans,
                     uint8_t *visited, int32_t *stack, double *out)
 {
     (void)n_mod;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX;
 #define DISPATCH(SUFFIX)                                                      \
     peaks_##SUFFIX(frame, ny, nx, bins, offset_px, scale_px, offset, scale,   \
-                   hot, thr, bg, panel, connectivity, min_pix, max_pix, cand, \
-                   n_cand, visited, stack, out)
+                   hot, thr, bg, panel, connectivity, min_pix, max_pix,       \
+                   span_start, span_len, span_max, n_spans, visited, stack,   \
+                   out)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;
     case LCLS_I8: DISPATCH(i8); break;

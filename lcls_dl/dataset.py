@@ -123,9 +123,9 @@ class Dataset:
         current = store.current(exclude_sources=("pseudo",))  # pseudo-labels are opt-in
         if not current:
             return
-        for name in {rec["label"] for rec in current.values()} - set(self.classes):
-            if name is not None:
-                self.classes.append(name)  # a class first named in the label store
+        for rec in current.values():  # classes first named in the label store, in log order
+            if rec["label"] is not None and rec["label"] not in self.classes:
+                self.classes.append(rec["label"])
         lookup = {c: i for i, c in enumerate(self.classes)}
         pos = self.index_of(list(current))
         for row, rec in zip(pos, current.values()):

@@ -30,11 +30,31 @@ def _frame(rng, n, dtype):
     return x.astype(dtype)
 
 
-def _assert_acc_equal(a, b):
+def _lit_pixels(acc, frame, bins, offset, scale, hot, cand_thr):
+    """Lit pixels found in the spans, checking that spans are well formed."""
+    v = K.photons(frame, offset, scale)
+    starts, lengths = acc.span_start.astype(np.int64), acc.span_len.astype(np.int64)
+    assert np.all(lengths >= 1) and np.all(starts[1:] >= starts[:-1] + lengths[:-1])
+    pixels = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)] or [[]]).astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        ok = (bins[pixels] >= 0) & np.isfinite(v[pixels]) & (v[pixels] <= hot)
+    for s, n, m in zip(starts, lengths, acc.span_max):  # one bin per span, max of included
+        assert np.all(bins[s:s + n] == bins[s])
+        with np.errstate(invalid="ignore"):
+            inc = v[s:s + n][np.isfinite(v[s:s + n]) & (v[s:s + n] <= hot)]
+        assert m == inc.max()
+    with np.errstate(invalid="ignore"):
+        return pixels[ok & (v[pixels] > cand_thr)]
+
+
+def _assert_acc_equal(a, b, frame, bins, offset, scale, hot, cand_thr):
     np.testing.assert_allclose(a.sum, b.sum, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(a.sumsq, b.sumsq, rtol=1e-12, atol=1e-9)
     np.testing.assert_array_equal(a.excluded, b.excluded)
-    np.testing.assert_array_equal(a.candidates, b.candidates)
+    lit_a = _lit_pixels(a, frame, bins, offset, scale, hot, cand_thr)
+    lit_b = _lit_pixels(b, frame, bins, offset, scale, hot, cand_thr)
+    np.testing.assert_array_equal(lit_a, lit_b)
+    assert a.n_lit == b.n_lit == lit_b.size
     assert a.vmax == b.vmax
     assert a.n_nonfinite == b.n_nonfinite
 
@@ -50,8 +70,8 @@ def test_accumulate_parity_scalar_offset(dtype, run):
     args = (bins, n_bins, 3.0, 0.25, 0.9 * top, 0.6 * top)  # offset, scale, hot, cand_thr
     ref = NUMPY.accumulate(frame, *args)
     got = C.accumulate(frame, *args, C.workspace(bins, n_bins))
-    _assert_acc_equal(got, ref)
-    assert ref.excluded.sum() > 0 and ref.candidates.size > 0  # the test covers both paths
+    _assert_acc_equal(got, ref, frame, bins, 3.0, 0.25, args[4], args[5])
+    assert ref.excluded.sum() > 0 and ref.n_lit > 0  # the test covers both paths
 
 
 @needs_c
@@ -65,7 +85,7 @@ def test_accumulate_parity_per_pixel_dark_and_gain(dtype):
     for off, sc in [(offset, 1.0), (2.0, scale), (offset, scale)]:
         ref = NUMPY.accumulate(frame, bins, n_bins, off, sc, np.inf, 1000.0)
         got = C.accumulate(frame, bins, n_bins, off, sc, np.inf, 1000.0)
-        _assert_acc_equal(got, ref)
+        _assert_acc_equal(got, ref, frame, bins, off, sc, np.inf, 1000.0)
 
 
 @pytest.mark.parametrize("kern", ["numpy", pytest.param("c", marks=needs_c)])
@@ -75,12 +95,14 @@ def test_accumulate_counts_nonfinite_only_in_used_pixels(kern):
     bins = np.array([0, 0, 1, 1, -1, -1, 2, 2, 2, 0, 1, 2], np.int32)
     frame[[0, 6]] = np.nan
     frame[7] = np.inf
+    frame[10] = -np.inf
     frame[4] = np.nan  # masked: ignored
     acc = k.accumulate(frame, bins, 3, 0.0, 1.0, np.inf, 5.0)
-    assert acc.n_nonfinite == 3
-    np.testing.assert_array_equal(acc.excluded, [1, 0, 2])
-    np.testing.assert_allclose(acc.sum, [1 + 9, 2 + 3 + 10, 8 + 11])
-    np.testing.assert_array_equal(acc.candidates, [8, 9, 10, 11])
+    assert acc.n_nonfinite == 4
+    np.testing.assert_array_equal(acc.excluded, [1, 1, 2])
+    np.testing.assert_allclose(acc.sum, [1 + 9, 2 + 3, 8 + 11])
+    np.testing.assert_array_equal(_lit_pixels(acc, frame, bins, 0.0, 1.0, np.inf, 5.0), [8, 9, 11])
+    assert acc.n_lit == 3
     assert acc.vmax == 11
 
 
@@ -120,14 +142,14 @@ def test_find_peaks_parity(connectivity, dtype, with_panels):
         panel = np.broadcast_to((np.arange(50) >= 25).astype(np.int32), block_shape).copy().reshape(-1)
     acc = C.accumulate(frame, bins, 7, 0.0, 1.0, np.inf, 10.0)
     args = (frame, block_shape, bins, 0.0, 1.0, np.inf, thr, bg, panel, connectivity, 2, 30)
-    ref = NUMPY.find_peaks(*args, acc.candidates.copy())
+    ref = NUMPY.find_peaks(*args, acc)
     ws = C.workspace(bins, 7)
-    got = C.find_peaks(*args, acc.candidates.copy(), ws)
+    got = C.find_peaks(*args, acc, ws)
     assert got[0] == ref[0] and got[2] == ref[2]
     assert got[1] == pytest.approx(ref[1], rel=1e-12)
     assert ref[0] > 5
     assert not ws.visited.any()  # scratch left clean for the next frame
-    assert C.find_peaks(*args, acc.candidates.copy(), ws) == got
+    assert C.find_peaks(*args, acc, ws) == got
 
 
 @pytest.mark.parametrize("kern", ["numpy", pytest.param("c", marks=needs_c)])
@@ -145,8 +167,8 @@ def test_find_peaks_known_components(kern):
     thr, bg = np.array([10.0]), np.array([1.0])
     acc = k.accumulate(flat, bins, 1, 0.0, 1.0, np.inf, 10.0)
     args = (flat, img.shape, bins, 0.0, 1.0, np.inf, thr, bg, None)
-    n8, photons8, pixels8 = k.find_peaks(*args, 8, 2, 10, acc.candidates)
-    n4, _, pixels4 = k.find_peaks(*args, 4, 2, 10, acc.candidates)
+    n8, photons8, pixels8 = k.find_peaks(*args, 8, 2, 10, acc)
+    n4, _, pixels4 = k.find_peaks(*args, 4, 2, 10, acc)
     assert n8 == 4 and n4 == 3
     assert photons8 == pytest.approx(49.0 * (6 + 2 + 2 + 4))
     assert pixels8 == pixels4 == 1 + 6 + 12 + 2 + 2 + 4
@@ -181,3 +203,22 @@ def test_fallback_warns_once_when_extension_missing(monkeypatch):
     assert len(record) == 1
     with pytest.raises(OSError):
         K.get_kernels("c")
+
+
+@needs_c
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (100.5, 0.1)])
+def test_accumulate_parity_uint16_full_range_long_runs(offset, scale):
+    """uint16 takes a 16-pixel SIMD path: full value range, runs longer than 16, frame end."""
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 41, 400)
+    bins = np.repeat(rng.integers(-1, 23, lengths.size), lengths).astype(np.int32)
+    bins[-5:] = 4  # a run that ends at the last pixel
+    n = bins.size
+    frame = rng.integers(0, 65536, n).astype(np.uint16)
+    frame[rng.random(n) < 0.3] = 0
+    frame[:50] = 65535
+    top = (65535 - offset) * scale
+    for hot, cand in [(np.inf, 0.5 * top), (0.8 * top, 0.6 * top), (np.inf, np.inf)]:
+        ref = NUMPY.accumulate(frame, bins, 23, offset, scale, hot, cand)
+        got = C.accumulate(frame, bins, 23, offset, scale, hot, cand)
+        _assert_acc_equal(got, ref, frame, bins, offset, scale, hot, cand)

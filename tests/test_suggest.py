@@ -153,7 +153,7 @@ def test_active_loop_tiny(tmp_path):
     data = make_dataset(tmp_path / "data", n=120, shape=(16, 32), n_q=16, seed=5, shard_size=50)
     ds = _truth_csv(data, tmp_path / "truth.csv")
     cfg = LoopConfig(rounds=2, budget=6, seed_labels=6, holdout=40, strategies=("margin",),
-                     epochs=3, model="dnn", pseudo_threshold=0.9, seed=1)
+                     epochs=3, min_steps=8, model="dnn", pseudo_threshold=0.9, seed=1)
     res = run_active_loop(data, tmp_path / "truth.csv", tmp_path / "loop", cfg)
     rows = _read(tmp_path / "loop" / "curve.csv")
     assert [(r["strategy"], int(r["labels"])) for r in rows] == [

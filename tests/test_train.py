@@ -8,7 +8,7 @@ import pytest
 
 from helpers_data import make_dataset
 
-from lcls_dl.errors import ConfigError, InputError, LclsError
+from lcls_dl.errors import ConfigError, InputError
 
 TINY = {"cnn": {"filters": [4, 8]}, "dnn": {"units": [8]}, "head": {"embedding": 8,
                                                                      "dropout": 0.2}}

@@ -68,6 +68,9 @@ class LoopConfig:
         Strategies compared; ``random`` is always added as the baseline.
     model, epochs, batch_size, lr, blueprint, augment :
         The model trained every round (see :class:`lcls_dl.models.training.TrainConfig`).
+    min_steps : int
+        At least this many optimizer steps per training run: with few labels an epoch is
+        one or two steps, so the epoch count is raised to reach ``min_steps``.
     mc_passes : int
         Monte-Carlo dropout passes for ``bald``.
     diversity : float
@@ -99,6 +102,7 @@ class LoopConfig:
     lr: float = 3e-3
     blueprint: dict = None
     augment: bool = False
+    min_steps: int = 120
     mc_passes: int = 10
     diversity: float = 2.0
     ensemble_members: int = 3
@@ -228,7 +232,9 @@ def train_small(mem, rows, classes, cfg, seed):
     bp = cfg.blueprint if cfg.blueprint is not None else SMALL_BLUEPRINT
     model = build_model(cfg.model, shapes["image"], shapes["profile"][0], n_scalars,
                         len(classes), blueprint=bp, seed=seed, norm=norm)
-    tcfg = TrainConfig(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    steps_per_epoch = max(1, -(-len(rows) // cfg.batch_size))
+    epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+    tcfg = TrainConfig(model=cfg.model, epochs=epochs, batch_size=cfg.batch_size,
                        lr=cfg.lr, patience=0, seed=seed, val_fraction=0.0, augment=cfg.augment,
                        class_weighting=True, calibrate=False, blueprint=bp, progress=False)
     train(model, mem, {"train": np.asarray(rows, np.int64), "val": np.zeros(0, np.int64)},
@@ -412,8 +418,11 @@ def summarize(curve, target, strategies):
             ratio[s] = need[s] / rnd
         else:  # random never got there: an upper bound on the ratio
             ratio[s] = f"< {need[s] / max(max_labels['random'], 1):.3f}"
+    ladder = {}
+    for t in sorted({0.85, 0.88, 0.9, 0.92, 0.95, 0.97, float(target)}):
+        ladder[f"{t:g}"] = {s: labels_to_reach(curve, s, t) for s in strategies}
     return {"target": target, "labels_to_target": need, "max_labels": max_labels,
-            "final_accuracy": final, "ratio_to_random": ratio}
+            "final_accuracy": final, "ratio_to_random": ratio, "labels_to_accuracy": ladder}
 
 
 def curve_csv_text(curve):

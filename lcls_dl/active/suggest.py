@@ -88,7 +88,7 @@ class ModelScorer:
                                                  model.get_layer("embedding").output])
 
     def __call__(self, arrays, mc_passes=0, seed=0):
-        """``arrays`` (dict image/profile/scalars) -> dict ``probs``, ``embedding``, ``mc_probs``."""
+        """``arrays`` (dict image/profile/scalars) -> dict probs, embedding (, mc_probs)."""
         from ..models.builders import select_inputs
         from ..models.calibration import softmax
 
@@ -371,7 +371,8 @@ def suggest_labels(model_dir, dataset_dir, budget, strategy="margin", out=None,
         signal["pool"] = int(len(probs))
         signal["compared"] = int(len(prev_pred[0]))
         signal["stop"], signal["reason"] = stopping.should_stop(signal)
-    signal.update({"strategy": strategy, "budget": int(budget), "labeled": int(len(dataset.labeled)),
+    signal.update({"strategy": strategy, "budget": int(budget),
+                   "labeled": int(len(dataset.labeled)),
                    "previous": prev_path if prev_pred is not None else None})
     result = SuggestResult(rows=rows, signal=signal, classes=classes, pool_size=len(pool))
     if out:

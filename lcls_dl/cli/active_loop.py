@@ -34,7 +34,10 @@ def _strategies(ctx, param, value):
               help="Frames held out to measure accuracy (never labeled).")
 @click.option("--model", type=click.Choice(["cnn+dnn", "cnn", "dnn"]), default="cnn+dnn",
               show_default=True, help="Model trained every round (small blueprint).")
-@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Epochs per round (raised to reach --min-steps with few labels).")
+@click.option("--min-steps", type=click.IntRange(min=0), default=120, show_default=True,
+              help="At least this many optimizer steps per round's training.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--blueprint", type=click.Path(dir_okay=False), help="JSON/YAML model blueprint.")
 @click.option("--mc-passes", type=click.IntRange(min=2), default=10, show_default=True,
@@ -52,8 +55,8 @@ def _strategies(ctx, param, value):
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Directory for curve.csv, curve.png, summary.json.")
 def active_loop(dataset_dir, truth, rounds, budget, seed_labels, strategies, holdout, model,
-                epochs, batch_size, blueprint, mc_passes, diversity, pseudo_threshold, target,
-                max_pool, seed, out):
+                epochs, min_steps, batch_size, blueprint, mc_passes, diversity,
+                pseudo_threshold, target, max_pool, seed, out):
     """Measure label efficiency with a simulated labeler.
 
     Simulates the scientist with the truth file: from one random seed set, rounds of
@@ -75,8 +78,9 @@ def active_loop(dataset_dir, truth, rounds, budget, seed_labels, strategies, hol
 
     cfg = LoopConfig(rounds=rounds, budget=budget, seed_labels=seed_labels, holdout=holdout,
                      strategies=strategies or ("margin", "badge"), model=model, epochs=epochs,
-                     batch_size=batch_size, mc_passes=mc_passes, diversity=diversity,
-                     pseudo_threshold=pseudo_threshold, target=target, max_pool=max_pool,
+                     min_steps=min_steps, batch_size=batch_size, mc_passes=mc_passes,
+                     diversity=diversity, pseudo_threshold=pseudo_threshold, target=target,
+                     max_pool=max_pool,
                      seed=seed, blueprint=load_blueprint(blueprint) if blueprint else None)
     res = run_active_loop(dataset_dir, truth, out, cfg, progress=lambda m: echo(m, err=True))
     click.echo(f"labels to reach {target:.1%} held-out accuracy "

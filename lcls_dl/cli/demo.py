@@ -1,5 +1,6 @@
 """``lcls-dl demo``: the whole pipeline end to end on simulated data, in a few minutes."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -9,9 +10,9 @@ import click
 from ..errors import LclsError
 
 # small sizes: the whole demo stays well under 10 minutes on a 2-core laptop
-DEMO_SIZES = {"frames": 240, "test_frames": 90, "first_labels": 60, "epochs": 8,
+DEMO_SIZES = {"frames": 240, "test_frames": 90, "first_labels": 60, "epochs": 15,
               "budget": 12, "loop_rounds": 2, "loop_budget": 10, "loop_seed": 16,
-              "loop_holdout": 60, "loop_epochs": 6}
+              "loop_holdout": 60, "loop_epochs": 6, "loop_min_steps": 60}
 
 
 def _lcls(args, log, env):
@@ -25,7 +26,7 @@ def _lcls(args, log, env):
         fh.flush()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env)
         fh.write(proc.stdout)
-    out = proc.stdout.strip()
+    out = re.sub(r"(?m)^\[\d+,\d+\]<stdout>: ?", "", proc.stdout).strip()
     if out:
         click.echo("  " + out.replace("\n", "\n  "), err=True)
     if proc.returncode != 0:
@@ -119,7 +120,8 @@ def demo(out_dir, np_, frames, seed):
         ["-q", "active-loop", p["data"], "--truth", os.path.join(p["run"], "truth.csv"),
          "--rounds", z["loop_rounds"], "--budget", z["loop_budget"], "--seed-labels",
          z["loop_seed"], "--holdout", z["loop_holdout"], "--strategies", "margin",
-         "--epochs", z["loop_epochs"], "--seed", seed, "--out", p["loop"]], log, env)))
+         "--epochs", z["loop_epochs"], "--min-steps", z["loop_min_steps"], "--seed", seed,
+         "--out", p["loop"]], log, env)))
     total = time.perf_counter() - t_all
     stem = p["suggest"][:-4]
     click.echo(f"\ndemo finished in {total:.0f} s; outputs:")

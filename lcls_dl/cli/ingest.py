@@ -8,7 +8,7 @@ import time
 import click
 
 from ..errors import LclsError
-from .common import echo, quiet
+from .common import echo, quiet, verbosity_argv
 
 
 def _beam_center(ctx, param, value):
@@ -127,7 +127,7 @@ def ingest(inputs, out_dir, labels_csv, classes, n_ranks, hostfile, shard_size, 
                     chunk_size=chunk_size, hit_min_peaks=hit_min_peaks,
                     hit_min_ring_photons=hit_min_ring_photons)
     if n_ranks > 1 and not in_mpi_job():
-        argv = (["-q"] if quiet() else []) + pipeline.cli_argv(
+        argv = verbosity_argv() + pipeline.cli_argv(
             inputs, out_dir, quiet=False, **settings, **reader_options)
         return maybe_launch(argv, n_ranks, hostfile=hostfile)
     comm = comm_world()

@@ -15,6 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import LclsError
+from .common import set_verbosity
 
 # name -> (module, attribute, one-line summary shown by `lcls-dl --help` without importing)
 COMMANDS = {
@@ -84,10 +85,7 @@ def cli(ctx, verbose, quiet):
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose > 1 else "2")
-    if quiet:
-        os.environ["LCLS_DL_QUIET"] = "1"
-    if verbose:
-        os.environ["LCLS_DL_VERBOSE"] = str(verbose)
+    set_verbosity(quiet=quiet, verbose=verbose)
 
 
 # click >= 8.2 raises this for a bare group invocation; older clicks print help and exit
@@ -96,7 +94,7 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 def _verbose(argv):
     return any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"})
-               for a in argv) or bool(os.environ.get("LCLS_DL_VERBOSE"))
+               for a in argv)
 
 
 def _error(message, code):

@@ -5,8 +5,8 @@ variable, any shapes) into their average over all ranks of a communicator:
 
 1. small gradients (biases, small kernels) are packed into one flat, preallocated
    buffer (float32, or float64 when any gradient is float64) split into *buckets* of
-   ``bucket_bytes``; packing also multiplies by ``1 / size``, so averaging costs no
-   extra pass over memory. Each bucket is summed over ranks with an in-place
+   ``bucket_bytes`` (one ``np.concatenate`` per bucket), scaled by ``1 / size`` while
+   the bucket is hot in cache. Each bucket is summed over ranks with an in-place
    ``Allreduce(MPI.IN_PLACE, bucket)`` as soon as it is packed, while still hot in
    cache (``overlap=True``: a non-blocking ``Iallreduce`` per bucket, all completed by
    one ``Waitall`` at the end, so the next bucket is packed while one is in flight);
@@ -118,9 +118,10 @@ class GradientAverager:
 
     def __init__(self, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compression=None,
                  overlap=False, average=True, inplace=True, direct_bytes=DEFAULT_DIRECT_BYTES):
-        if comm is None:
-            from mpi4py import MPI
+        from mpi4py import MPI
 
+        self._MPI = MPI
+        if comm is None:
             comm = MPI.COMM_WORLD
         if compression not in _COMPRESSIONS:
             raise InputError(f"unknown gradient compression {compression!r}",
@@ -154,16 +155,16 @@ class GradientAverager:
         per_bucket = max(1, self.bucket_bytes // dtype.itemsize)
         bounds = list(range(0, total, per_bucket)) + [total]
         buckets = [(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
-        # schedule in gradient order (the order backprop produces them, last layer first
-        # when the caller lists them so):
-        #   ("pack", i, start, stop, dst, [buckets complete after this copy])
-        #   ("direct", i, start, stop)
+        # schedule in gradient order (the order backprop produces them):
+        #   ("direct", i, start, stop): reduce this chunk of gradient i in place
+        #   ("bucket", b, pieces): fill bucket b from pieces [(i, start, stop), ...], reduce it
         schedule = []
+        pieces = [[] for _ in buckets]
         b = 0
         for i, n in enumerate(sizes):
             if direct[i]:
                 for start in range(0, n, per_bucket):
-                    schedule.append(("direct", i, start, min(n, start + per_bucket), None, ()))
+                    schedule.append(("direct", i, start, min(n, start + per_bucket)))
                 continue
             start = 0
             while start < n:
@@ -172,8 +173,9 @@ class GradientAverager:
                     b += 1
                 bucket_end = buckets[b][1]
                 stop = min(n, start + (bucket_end - dst))
-                done = (b,) if offsets[i] + stop == bucket_end else ()
-                schedule.append(("pack", i, start, stop, dst, done))
+                pieces[b].append((i, start, stop))
+                if offsets[i] + stop == bucket_end:
+                    schedule.append(("bucket", b, pieces[b]))
                 start = stop
         self._dtype = dtype
         self._flat = np.empty(total, dtype)
@@ -187,8 +189,7 @@ class GradientAverager:
 
     # -- one step ------------------------------------------------------------------
     def _reduce(self, buf, requests, op=None):
-        from mpi4py import MPI
-
+        MPI = self._MPI
         op = MPI.SUM if op is None else op
         if self.overlap:
             requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf, op))
@@ -196,8 +197,7 @@ class GradientAverager:
             self.comm.Allreduce(MPI.IN_PLACE, buf, op)
 
     def _start_bucket(self, b, requests):
-        from mpi4py import MPI
-
+        MPI = self._MPI
         lo, hi = self._buckets[b]
         if self.compression:
             self._half[lo:hi] = self._flat[lo:hi]  # cast (round to nearest)
@@ -223,8 +223,7 @@ class GradientAverager:
             is float64), valid until the next call. Large contiguous writable inputs of
             the buffer's dtype: the input arrays, overwritten with the result.
         """
-        from mpi4py import MPI
-
+        MPI = self._MPI
         arrays = [np.asarray(g) for g in grads]
         layout = [(a.shape, a.dtype, self.inplace and a.flags.c_contiguous and a.flags.writeable)
                   for a in arrays]
@@ -237,20 +236,27 @@ class GradientAverager:
         scale = 1.0 / self.size if self.average else 1.0
         flat = self._flat
         requests = []
-        for kind, i, start, stop, dst, done in self._schedule:
-            src = arrays[i].reshape(-1)[start:stop]
-            if kind == "direct":
+        ravel = [a.reshape(-1) for a in arrays]
+        for step in self._schedule:
+            if step[0] == "direct":
+                _, i, start, stop = step
+                src = ravel[i][start:stop]
                 if scale != 1.0:
                     np.multiply(src, scale, out=src)
                 self._reduce(src, requests)
                 continue
-            out = flat[dst:dst + (stop - start)]
-            if scale == 1.0:
-                out[...] = src
-            else:
-                np.multiply(src, scale, out=out, casting="unsafe")
-            for b in done:
-                self._start_bucket(b, requests)
+            _, b, parts = step
+            lo, hi = self._buckets[b]
+            out = flat[lo:hi]
+            if len(parts) == 1:
+                i, start, stop = parts[0]
+                np.copyto(out, ravel[i][start:stop], casting="unsafe")
+            else:  # one C loop for all the small gradients of this bucket
+                np.concatenate([ravel[i][start:stop] for i, start, stop in parts], out=out,
+                               casting="unsafe")
+            if scale != 1.0:
+                np.multiply(out, scale, out=out)  # the bucket is hot in cache
+            self._start_bucket(b, requests)
         if requests:
             MPI.Request.Waitall(requests)
             if self.compression:
@@ -272,4 +278,4 @@ class GradientAverager:
         """MPI reductions per step (buckets plus in-place chunks)."""
         if self._layout is None:
             return 0
-        return len(self._buckets) + sum(1 for s in self._schedule if s[0] == "direct")
+        return len(self._buckets) + sum(1 for step in self._schedule if step[0] == "direct")

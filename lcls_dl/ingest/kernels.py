@@ -5,11 +5,11 @@ Two kernels do all the per-pixel work of :class:`lcls_dl.ingest.preprocess.Frame
 ``accumulate``
     One pass over the frame: convert ADU to photons, skip masked pixels, exclude hot and
     non-finite pixels, and add each pixel's value and squared value to its (q, phi) bin;
-    also the largest pixel and the list of candidate peak pixels (value above an absolute
-    threshold).
+    also the largest pixel and the spans holding candidate peak pixels ("lit" pixels,
+    value above an absolute threshold).
 ``find_peaks``
     Grow connected components of peak pixels (value above a per-bin threshold) from the
-    candidate list, inside one detector block/panel, and count those of acceptable size.
+    candidate spans, inside one detector block/panel, and count those of acceptable size.
 
 The numpy functions in this module (:class:`NumpyKernels`) define the semantics; the C
 functions (:class:`CKernels`, built into ``lcls_dl._kernels`` at install time and called
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: ABI version the loader expects from ``lcls_dl._kernels`` (``LCLS_KERNELS_ABI``).
-ABI_VERSION = 2
+ABI_VERSION = 4
 
 #: Frame dtypes the C kernels read directly (others are converted to float64 first).
 DTYPE_CODES = {
@@ -60,8 +60,15 @@ class Accumulation:
         Sum of photon values and of their squares per bin (included pixels only).
     excluded : ndarray of int32, (n_bins,)
         Pixels of each bin excluded from this frame (hot or non-finite).
-    candidates : ndarray of int32
-        Ascending flat indices of included pixels with value above ``cand_thr``.
+    span_start, span_len : ndarray of int32
+        Candidate spans: ascending, non-overlapping pixel ranges, each inside one bin,
+        that together hold every "lit" pixel (included, value above ``cand_thr``). The
+        reference returns one span per lit pixel; the C kernels whole runs or 16-pixel
+        chunks.
+    span_max : ndarray of float64
+        Largest included value in each span.
+    n_lit : int
+        Number of lit pixels.
     vmax : float
         Largest included photon value (-inf when no pixel is included).
     n_nonfinite : int
@@ -71,7 +78,10 @@ class Accumulation:
     sum: np.ndarray
     sumsq: np.ndarray
     excluded: np.ndarray
-    candidates: np.ndarray
+    span_start: np.ndarray
+    span_len: np.ndarray
+    span_max: np.ndarray
+    n_lit: int
     vmax: float
     n_nonfinite: int
 
@@ -128,6 +138,7 @@ class NumpyKernels:
         Returns
         -------
         Accumulation
+            Here each lit pixel is its own span.
         """
         v = photons(flat, offset, scale)
         inside = bins >= 0
@@ -139,16 +150,17 @@ class NumpyKernels:
         total = np.bincount(b, weights=vg, minlength=n_bins)
         sumsq = np.bincount(b, weights=vg * vg, minlength=n_bins)
         excluded = np.bincount(bins[bad], minlength=n_bins).astype(np.int32)
-        candidates = np.flatnonzero(good & (np.where(good, v, -np.inf) > cand_thr))
+        lit = np.flatnonzero(good & (np.where(good, v, -np.inf) > cand_thr))
         return Accumulation(
             sum=total, sumsq=sumsq, excluded=excluded,
-            candidates=candidates.astype(np.int32),
+            span_start=lit.astype(np.int32), span_len=np.ones(lit.size, np.int32),
+            span_max=v[lit], n_lit=int(lit.size),
             vmax=float(vg.max()) if vg.size else -np.inf,
             n_nonfinite=int(np.count_nonzero(inside & ~finite)),
         )
 
     def find_peaks(self, flat, block_shape, bins, offset, scale, hot, thr, bg, panel,
-                   connectivity, min_pix, max_pix, candidates, ws=None):
+                   connectivity, min_pix, max_pix, acc, ws=None):
         """Count connected components of peak pixels of acceptable size.
 
         A peak pixel has ``bins >= 0``, a finite value ``v <= hot`` and ``v > thr[bin]``.
@@ -156,8 +168,8 @@ class NumpyKernels:
         ``block_shape = (n_blocks, ny, nx)`` and, when ``panel`` (int32, (n,)) is given,
         only between pixels of the same panel id. A component counts when
         ``min_pix <= size <= max_pix``. ``thr`` must be ``>=`` the candidate threshold
-        used in :meth:`accumulate` (the C version grows components from the candidates;
-        this reference does not need them).
+        used in :meth:`accumulate`, whose result is ``acc`` (the C version grows components
+        from its candidate spans; this reference does not need them).
 
         Returns
         -------
@@ -213,10 +225,13 @@ class _CWorkspace:
         self.sum = np.zeros(n_bins, np.float64)
         self.sumsq = np.zeros(n_bins, np.float64)
         self.excluded = np.zeros(n_bins, np.int32)
-        self.cand = np.empty(n + 1, np.int32)
+        cap = self.run_start.size + n // 16 + 1
+        self.span_start = np.empty(cap, np.int32)
+        self.span_len = np.empty(cap, np.int32)
+        self.span_max = np.empty(cap, np.float64)
         self.visited = np.zeros(n, np.uint8)
         self.stack = np.empty(n + 1, np.int32)
-        self.counts = np.zeros(2, np.int64)  # n_cand, n_nonfinite
+        self.counts = np.zeros(3, np.int64)  # n_spans, n_lit, n_nonfinite
         self.out = np.zeros(4, np.float64)  # vmax | n_peaks, intensity, n_pixels
 
 
@@ -248,11 +263,11 @@ class CKernels(NumpyKernels):
         if lib.lcls_abi_version() != ABI_VERSION:
             raise OSError(f"{path}: kernel ABI {lib.lcls_abi_version()} != {ABI_VERSION}")
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-        lib.lcls_accumulate.argtypes = [P, I, I64, P, P, P, ctypes.c_int32, P, P, D, D, D, D,
-                                        P, P, P, P, P, P, P]
+        lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, P, ctypes.c_int32, P, P, D, D, D, D,
+                                        P, P, P, P, P, P, P, P]
         lib.lcls_accumulate.restype = I
         lib.lcls_find_peaks.argtypes = [P, I, I64, I64, I64, P, P, P, D, D, D, P, P, P, I,
-                                        I64, I64, P, I64, P, P, P]
+                                        I64, I64, P, P, P, I64, P, P, P]
         lib.lcls_find_peaks.restype = I
         self.lib, self.path = lib, path
 
@@ -275,21 +290,23 @@ class CKernels(NumpyKernels):
         self._check(flat, bins, ws, n_bins)
         (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_accumulate(
-            flat.ctypes.data, DTYPE_CODES[flat.dtype], ws.run_start.size, ws.run_start.ctypes.data,
+            flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.run_start.size,
+            ws.run_start.ctypes.data,
             ws.run_len.ctypes.data, ws.run_bin.ctypes.data, n_bins,
             _ptr(off_px), _ptr(sc_px), off, sc, float(hot), float(cand_thr),
             ws.sum.ctypes.data, ws.sumsq.ctypes.data, ws.excluded.ctypes.data,
-            ws.cand.ctypes.data, ws.counts.ctypes.data, ws.out.ctypes.data,
-            ws.counts.ctypes.data + 8)
+            ws.span_start.ctypes.data, ws.span_len.ctypes.data, ws.span_max.ctypes.data,
+            ws.counts.ctypes.data, ws.out.ctypes.data)
         if rc != 0:
             raise ValueError(f"lcls_accumulate failed ({rc})")
-        n_cand, n_nonfinite = (int(x) for x in ws.counts)
+        n_spans, n_lit, n_nonfinite = (int(x) for x in ws.counts)
         return Accumulation(sum=ws.sum, sumsq=ws.sumsq, excluded=ws.excluded,
-                            candidates=ws.cand[:n_cand], vmax=float(ws.out[0]),
-                            n_nonfinite=n_nonfinite)
+                            span_start=ws.span_start[:n_spans], span_len=ws.span_len[:n_spans],
+                            span_max=ws.span_max[:n_spans], n_lit=n_lit,
+                            vmax=float(ws.out[0]), n_nonfinite=n_nonfinite)
 
     def find_peaks(self, flat, block_shape, bins, offset, scale, hot, thr, bg, panel,
-                   connectivity, min_pix, max_pix, candidates, ws=None):
+                   connectivity, min_pix, max_pix, acc, ws=None):
         if ws is None:
             ws = self.workspace(bins, int(thr.size))
         self._check(flat, bins, ws)
@@ -298,16 +315,26 @@ class CKernels(NumpyKernels):
             raise ValueError("block_shape does not match the frame size")
         thr = np.ascontiguousarray(thr, np.float64)
         bg = np.ascontiguousarray(bg, np.float64)
+        if thr.size < ws.n_bins or bg.size < ws.n_bins:
+            raise ValueError("thr and bg need one value per bin")
         if panel is not None and (panel.dtype != np.int32 or panel.shape != flat.shape
                                   or not panel.flags.c_contiguous):
             raise ValueError("panel must be C-contiguous int32 of the frame size")
-        candidates = np.ascontiguousarray(candidates, np.int32)
+        start = np.ascontiguousarray(acc.span_start, np.int32)
+        length = np.ascontiguousarray(acc.span_len, np.int32)
+        vmax = np.ascontiguousarray(acc.span_max, np.float64)
+        if not start.size == length.size == vmax.size:
+            raise ValueError("span arrays differ in length")
+        # spans are ascending and non-overlapping (see Accumulation): check the ends only
+        if start.size and (start[0] < 0 or int(start[-1]) + int(length[-1]) > flat.size):
+            raise ValueError("candidate spans outside the frame")
         (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_find_peaks(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], n_mod, ny, nx, bins.ctypes.data,
             _ptr(off_px), _ptr(sc_px), off, sc, float(hot), thr.ctypes.data, bg.ctypes.data,
             _ptr(panel), int(connectivity), int(min_pix), int(max_pix),
-            candidates.ctypes.data, candidates.size, ws.visited.ctypes.data,
+            start.ctypes.data, length.ctypes.data, vmax.ctypes.data, start.size,
+            ws.visited.ctypes.data,
             ws.stack.ctypes.data, ws.out.ctypes.data + 8)
         if rc != 0:
             raise ValueError(f"lcls_find_peaks failed ({rc})")

@@ -212,6 +212,12 @@ def plan_ingest(inputs, out_dir, labels_csv=None, shard_size=DEFAULT_SHARD_SIZE,
 
     if shard_size < 1:
         raise LclsError(f"shard size must be >= 1, got {shard_size}", "--shard-size")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError("output exists and is not a directory", out_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise InputError("cannot write the dataset here (parent directory missing or not "
+                         "writable)", out_dir)
     options = _clean_options(reader_options)
     if classes:
         options["classes"] = list(classes)  # names of integer labels in files
@@ -310,7 +316,8 @@ def plan_ingest(inputs, out_dir, labels_csv=None, shard_size=DEFAULT_SHARD_SIZE,
                   "drop_misses": bool(drop_misses), "hit_min_peaks": int(hit_min_peaks),
                   "hit_min_ring_photons": float(hit_min_ring_photons), "classes": classes,
                   "labels": labels_meta, "reader_options": options, "seed": 0}
-    spec = _sha({"version": SPEC_VERSION, "parameters": parameters, "option_files": stamps,
+    spec_params = dict(parameters, labels=labels_meta and labels_meta["sha256"])  # not its path
+    spec = _sha({"version": SPEC_VERSION, "parameters": spec_params, "option_files": stamps,
                  "preprocessing": preprocessing,
                  "inputs": [(s["name"], s["bytes"], s["mtime_ns"], s["reader"], s["frames"])
                             for s in sources], "bad": bad})
@@ -651,6 +658,9 @@ def cli_argv(inputs, out_dir, labels_csv=None, shard_size=DEFAULT_SHARD_SIZE, sk
 def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options):
     rank = comm.Get_rank() if comm is not None else 0
     size = comm.Get_size() if comm is not None else 1
+    import time
+
+    t_start = time.perf_counter()
     settings = dict(settings)
     chunk_size = settings.pop("chunk_size", DEFAULT_CHUNK_SIZE)
     plan, error, pres = None, None, None
@@ -669,6 +679,8 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
             raise PeerError(error_msg)
     if error is not None:
         raise error
+    log.debug("rank %d: plan ready after %.2f s (%d shards to do)", rank,
+              time.perf_counter() - t_start, len(plan["todo"]))
     up_to_date = (not plan["todo"] and all(v["where"] == "final" for v in plan["keep"].values())
                   and os.path.isfile(os.path.join(out_dir, "manifest.json")))
     if up_to_date:
@@ -701,7 +713,10 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
             if r < len(mine) and first_error is None:
                 k = mine[r]
                 try:
+                    t0 = time.perf_counter()
                     summaries[k] = build_shard(plan, k, cache, pres, chunk_size, count)
+                    log.debug("rank %d: shard %d (%d frames) in %.2f s", rank, k,
+                              summaries[k]["frames"], time.perf_counter() - t0)
                 except LclsError as exc:
                     first_error, failed = exc, 1
                 except Exception as exc:  # a bug on one rank must not hang the others
@@ -742,6 +757,7 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
             raise LclsError(errors[0][0])
         raise PeerError(errors[0][0])
     manifest = None
+    log.debug("rank %d: shards done after %.2f s", rank, time.perf_counter() - t_start)
     if rank == 0:
         manifest = _finish(plan, summaries, command)
     if comm is not None:

@@ -343,10 +343,12 @@ class FramePreprocessor:
             raise InputError(f"frame dtype {a.dtype} is not a real number type", where)
         return as_kernel_input(a)
 
-    def _accumulate(self, frame, where):
+    def _accumulate(self, frame, where, cand_thr=None):
         flat = self._prepare(frame, where)
+        if cand_thr is None:
+            cand_thr = self.params.peak_min_photons
         acc = self.kernels.accumulate(flat, self.bins, self.n_bins, self.offset, self.scale,
-                                      self.hot, self.params.peak_min_photons, self._ws)
+                                      self.hot, cand_thr, self._ws)
         if acc.n_nonfinite:
             raise InputError(f"frame has {acc.n_nonfinite} non-finite pixels", where)
         counts = self.static_counts - acc.excluded if acc.excluded.any() else None
@@ -359,9 +361,10 @@ class FramePreprocessor:
     def profile(self, frame, where=None):
         """Radial profile only: mean photons per q bin, float64 (n_q,), 0 where empty.
 
-        The same pass as :meth:`__call__` (no peak finding, no transform).
+        The same pass as :meth:`__call__` (no peak candidates, no peak finding, no
+        transform).
         """
-        _, acc, counts = self._accumulate(frame, where)
+        _, acc, counts = self._accumulate(frame, where, cand_thr=np.inf)
         s, c = self._to_radial(acc.sum), self._radial_counts(counts)
         return np.divide(s, c, out=np.zeros_like(s), where=c > 0)
 
@@ -399,7 +402,7 @@ class FramePreprocessor:
         n_peaks, peak_photons, _ = self.kernels.find_peaks(
             flat, self.block_shape, self.bins, self.offset, self.scale, self.hot,
             self._per_bin(thr), self._per_bin(mean), self.panel_ids,
-            p.peak_connectivity, p.peak_min_pixels, p.peak_max_pixels, acc.candidates, self._ws)
+            p.peak_connectivity, p.peak_min_pixels, p.peak_max_pixels, acc, self._ws)
 
         # polar image: mean per (q, phi) bin, empty bins interpolated along phi
         isum = self._to_image(acc.sum)
@@ -440,7 +443,7 @@ class FramePreprocessor:
             s2 / s1 if s1 > 0 else 0.0,
             s1_q,
             np.log10(1.0 + max(acc.vmax, 0.0)) if np.isfinite(acc.vmax) else 0.0,
-            acc.candidates.size / n_used if n_used else 0.0,
+            acc.n_lit / n_used if n_used else 0.0,
         ], np.float32)
         return {"image": image.astype(np.float32, copy=False),
                 "profile": profile.astype(np.float32, copy=False), "scalars": scalars}

@@ -67,8 +67,9 @@ def write_shard(path, image, profile, scalars, scalar_names, label, ids, files, 
 
 
 def _put(f, name, arr):
-    chunks = (1,) + arr.shape[1:] if arr.ndim > 1 and len(arr) else None
-    kwargs = dict(compression="gzip", compression_opts=1, shuffle=True) if len(arr) else {}
+    # HDF5 refuses empty chunks: zero-size columns (a tabular dataset's image) stay contiguous
+    chunks = (1,) + arr.shape[1:] if arr.ndim > 1 and arr.size else None
+    kwargs = dict(compression="gzip", compression_opts=1, shuffle=True) if arr.size else {}
     return f.create_dataset(name, data=arr, chunks=chunks, **kwargs)
 
 

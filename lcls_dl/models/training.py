@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from ..atomic import atomic_open, atomic_path
+from ..atomic import atomic_open
 from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     import tensorflow as tf
 
     from ..distributed.world import LocalWorld
-    from .builders import select_inputs, sub_model
+    from .builders import sub_model
     from .data import Augmenter, class_weights, default_partition, make_tf_dataset
 
     world = world or LocalWorld()

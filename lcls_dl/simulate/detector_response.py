@@ -11,30 +11,44 @@ import dataclasses
 import numpy as np
 
 _TABLE = {}
-_SHIFT = 14              # float32 bits dropped: 2**(23 - 14) = 512 grid steps per octave
+_SHIFT = 15              # float32 bits dropped: 2**(23 - 15) = 256 grid steps per octave
 _CELLS = 1024            # inverse-CDF guide cells per table row
 _KMAX = 256              # counts per table row (K <= 255)
+_FLAG = 0x8000           # guide entry flag: a CDF step falls inside this cell
 _LAM_MIN = 2.0 ** -14    # expected counts below this are sampled as 2**-14 (bias < 1e-4)
 _LAM_MAX = 128.0         # above: numpy's exact sampler
 
 
 def _poisson_table():
-    """Inverse-CDF tables of Poisson(lam_i) on a log grid of float32 bit patterns (once)."""
+    """Inverse-CDF tables of Poisson(lam_i) on a log grid of float32 bit patterns (once).
+
+    ``guide[i, c]`` = smallest count K with CDF_i(K) >= c / CELLS, flagged when the next cell
+    starts at a larger K (then the count of a uniform in the cell needs a CDF comparison).
+    """
     if not _TABLE:
-        from scipy.stats import poisson
+        from scipy.special import gammaln
 
         half = 1 << (_SHIFT - 1)   # table row i holds lam at the centre of its bit bucket
         i_min = int(np.float32(_LAM_MIN).view(np.int32)) >> _SHIFT
         i_max = int(np.float32(_LAM_MAX).view(np.int32)) >> _SHIFT
         idx = np.arange(i_min, i_max + 1, dtype=np.int32)
         lam = ((idx << _SHIFT) + half).view(np.float32).astype(np.float64)
-        cdf = poisson.cdf(np.arange(_KMAX)[None, :], lam[:, None])
+        k = np.arange(_KMAX)
+        pmf = np.exp(k[None, :] * np.log(lam)[:, None] - lam[:, None] - gammaln(k + 1)[None, :])
+        cdf = np.cumsum(pmf, axis=1)
         cdf[:, -1] = 1.0
         cdf = np.maximum.accumulate(cdf, axis=1).astype(np.float32)
-        edges = (np.arange(_CELLS) / _CELLS).astype(np.float32)
-        guide = np.empty((len(lam), _CELLS), np.uint8)
-        for row in range(len(lam)):
-            guide[row] = np.searchsorted(cdf[row], edges, side="left")
+        # guide[c] = #{k: cdf[k] < c / CELLS}, c = 0..CELLS+1 (one extra cell so that
+        # u * CELLS rounding up to CELLS stays in the row): count each cdf value into the
+        # first cell whose edge exceeds it, then accumulate
+        n_rows, width = len(lam), _CELLS + 2
+        first = np.minimum(np.floor(cdf.astype(np.float64) * _CELLS).astype(np.int64) + 1,
+                           width - 1)
+        counts = np.bincount((first + np.arange(n_rows)[:, None] * width).ravel(),
+                             minlength=n_rows * width).reshape(n_rows, width)
+        start = np.minimum(np.cumsum(counts, axis=1), _KMAX - 1).astype(np.uint16)
+        guide = start[:, :-1] | np.where(start[:, 1:] > start[:, :-1], _FLAG, 0).astype(
+            np.uint16)
         _TABLE.update(i_min=i_min, n=len(lam), cdf=cdf.ravel(), guide=guide.ravel())
     return _TABLE
 
@@ -42,9 +56,9 @@ def _poisson_table():
 def sample_photons(lam, rng, method="table"):
     """Poisson photon counts for expected counts ``lam`` (any shape), as int32.
 
-    ``method="table"`` (default, 2-4x faster than numpy on a CSPAD frame): each pixel's
-    expected count is quantized to a grid of 512 steps per octave (float32 bit patterns,
-    +-0.07 % relative), then its count is read from a precomputed inverse-CDF table of
+    ``method="table"`` (default, 2-3x faster than numpy on a CSPAD frame): each pixel's
+    expected count is quantized to a grid of 256 steps per octave (float32 bit patterns,
+    +-0.14 % relative), then its count is read from a precomputed inverse-CDF table of
     Poisson at that grid value with one float32 uniform, exactly (probabilities below
     ~6e-8 are not resolved). Expected counts above 128 use numpy's exact sampler.
     ``method="numpy"``: ``rng.poisson`` for every pixel.
@@ -64,24 +78,29 @@ def sample_photons(lam, rng, method="table"):
     t = _poisson_table()
     shape = lam.shape
     flat = lam.reshape(-1)
-    row = np.clip(flat, _LAM_MIN, _LAM_MAX).astype(np.float32, copy=False).view(np.int32)
-    row = row >> _SHIFT
+    row = np.empty(flat.shape, np.float32)
+    np.clip(flat, _LAM_MIN, _LAM_MAX, out=row, casting="same_kind")
+    row = row.view(np.int32)
+    row >>= _SHIFT
     row -= t["i_min"]
-    u = rng.random(row.shape, dtype=np.float32)
-    cell = u * np.float32(_CELLS)
-    cell = cell.astype(np.int32)
-    np.minimum(cell, _CELLS - 1, out=cell)
-    cell += row * _CELLS
-    k = t["guide"][cell].astype(np.int32)
-    row *= _KMAX
-    row += k
-    fix = np.flatnonzero(u > t["cdf"][row])
-    while fix.size:
-        k[fix] += 1
-        row[fix] += 1
-        fix = fix[u[fix] > t["cdf"][row[fix]]]
-    big = np.flatnonzero(flat > _LAM_MAX)
-    if big.size:
+    u = rng.random(flat.shape, dtype=np.float32)
+    cell = (u * np.float32(_CELLS)).astype(np.int32)
+    cell += row * (_CELLS + 1)
+    entry = t["guide"][cell]
+    k = np.bitwise_and(entry, _FLAG - 1, dtype=np.int32)
+    fix = np.flatnonzero(entry >= _FLAG)
+    if fix.size:
+        uf = u[fix]
+        kf = k[fix]
+        pos = row[fix] * _KMAX + kf
+        more = np.flatnonzero(uf > t["cdf"][pos])
+        while more.size:
+            kf[more] += 1
+            pos[more] += 1
+            more = more[uf[more] > t["cdf"][pos[more]]]
+        k[fix] = kf
+    if flat.size and flat.max() > _LAM_MAX:
+        big = np.flatnonzero(flat > _LAM_MAX)
         k[big] = rng.poisson(flat[big])
     return k.reshape(shape)
 

@@ -306,7 +306,6 @@ def write_cxi(path, sim, frames_iter, n_frames, compression="gzip", events=None)
             for i, (frame, truth) in enumerate(frames_iter):
                 data[i] = frame
                 truths.append(truth)
-        os.chmod(tmp, 0o666 & ~_umask())   # a plain file's mode, not mkstemp's 0600
     return truths
 
 
@@ -317,12 +316,6 @@ def check_out_dir(out_dir, overwrite=False):
         raise InputError("output exists and is not a directory", out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise InputError("output directory is not empty (use --overwrite)", out_dir)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def simulate_run(out_dir, n_frames, seed=0, params=None, frames_per_file=100, run=1,
@@ -399,7 +392,6 @@ def simulate_run(out_dir, n_frames, seed=0, params=None, frames_per_file=100, ru
     with atomic_open(os.path.join(out_dir, "truth.csv"), "w", encoding="utf-8",
                      newline="") as fh:
         fh.write(buf.getvalue())
-        os.chmod(fh.name, 0o666 & ~_umask())
     counts = {c: sum(r["label"] == c for r in rows) for c in CLASSES}
     summary = {"kind": "lcls-dl simulated run", "created": provenance.utc_now(),
                "software": provenance.software_versions(), "command": command,
@@ -413,6 +405,5 @@ def simulate_run(out_dir, n_frames, seed=0, params=None, frames_per_file=100, ru
     with atomic_open(os.path.join(out_dir, "run.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2, default=lambda o: o.tolist())
         fh.write("\n")
-        os.chmod(fh.name, 0o666 & ~_umask())
     return {"out_dir": out_dir, "files": [f["path"] for f in files], "n_frames": n_frames,
             "class_counts": counts}
