@@ -10,7 +10,10 @@ a. ``bench_profile``: frames/s of the radial profile alone: lcls-dl's fused C pa
 b. ``bench_preprocess``: frames/s of the full per-frame preprocessing (profile, polar image,
    peak finding, scalars) on the CSPAD slab geometry (1480x1552, 64 ASIC panels), C kernels
    and numpy reference.
-c. end-to-end ``lcls-dl ingest`` (registered in ``PARTS`` by the ingest module's benchmark).
+c. ``bench_ingest``: end-to-end ``lcls-dl ingest`` of a simulated CSPAD run (uncompressed
+   CXI, ``--e2e-frames`` frames) with ``--np 1`` and ``--np 2``; the ratio is np=2 over np=1,
+   wall clock of the whole command (interpreter and mpiexec start-up included) and, in the
+   note, the in-job rate the command reports (see ``ingest_e2e_bench.py``).
 
 Everything runs in this process on one thread (``OMP_NUM_THREADS=1`` unless set). Each
 method gets a warm-up call, then the methods of a part run in 5 interleaved rounds (so they
@@ -22,7 +25,7 @@ machine), and the ratios of both to the part's reference (pyFAI histogram for a,
 
 Run::
 
-    python benchmarks/ingest_bench.py --frames 50 --parts a,b
+    python benchmarks/ingest_bench.py --frames 50 --parts a,b,c
 """
 import os
 
@@ -198,8 +201,27 @@ def bench_preprocess(n_frames=50, seed=0):
     return rows
 
 
+E2E_FRAMES = 480
+
+
+def bench_ingest(n_frames=None, seed=0):
+    """Part c: rows for ``lcls-dl ingest --np 1`` and ``--np 2`` on a simulated CSPAD run."""
+    from ingest_e2e_bench import bench_ingest_e2e  # a sibling script in benchmarks/
+
+    res = bench_ingest_e2e(E2E_FRAMES, nps=(1, 2), seed=seed, repeat=2)
+    rows = []
+    base = res["results"][0]
+    for r in res["results"]:
+        rows.append({"part": "c", "method": f"lcls-dl ingest --np {r['np']} ({res['frames']} frames)",
+                     "fps": r["frames_per_s"], "fps_cpu": float("nan"),
+                     "ratio": r["frames_per_s"] / base["frames_per_s"], "ref": "--np 1",
+                     "note": f"in-job {r['job_frames_per_s']:.1f} f/s "
+                             f"({r['job_frames_per_s'] / base['job_frames_per_s']:.2f}x)"})
+    return rows
+
+
 #: part letter -> function(n_frames, seed) returning rows
-PARTS = {"a": bench_profile, "b": bench_preprocess}
+PARTS = {"a": bench_profile, "b": bench_preprocess, "c": bench_ingest}
 
 
 def format_table(rows):
@@ -218,9 +240,13 @@ def format_table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=50, help="timed frames per method (default 50)")
-    ap.add_argument("--parts", default="a,b", help="comma-separated parts to run (a,b,c)")
+    ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a,b,c)")
+    ap.add_argument("--e2e-frames", type=int, default=E2E_FRAMES,
+                    help=f"frames of the simulated run for part c (default {E2E_FRAMES})")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    global E2E_FRAMES
+    E2E_FRAMES = args.e2e_frames
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

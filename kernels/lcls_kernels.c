@@ -35,6 +35,9 @@ struct lcls_spans {
         ns++;                                                                 \
     } while (0)
 
+/* Largest included value per bin (the polar image's max-SNR channel). */
+#define BMAX(B, M) do { if ((M) > bmax[B]) bmax[B] = (M); } while (0)
+
 /* One run of pixels [s, s + len) sharing bin b. Fast path: sums, squares and
  * max with two independent chains; a run holding a hot or non-finite pixel is
  * redone pixel by pixel (exclusions); a run whose max exceeds cand_thr is a
@@ -49,6 +52,7 @@ struct lcls_spans {
                      double offset, double scale, double hot,                 \
                      double cand_thr, double *restrict sum,                   \
                      double *restrict sumsq, int32_t *restrict excluded,      \
+                     double *restrict bmax,                                   \
                      struct lcls_spans *sp, int64_t *counts, double *vmax)   \
     {                                                                         \
         (void)offset_px; (void)scale_px;                                      \
@@ -84,7 +88,7 @@ struct lcls_spans {
                         nnf += !isfinite(v);                                  \
                     }                                                         \
                 }                                                             \
-                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;         \
+                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm; BMAX(b, pm);         \
                 if (pm > cand_thr) EMIT_SPAN(s, e - s, pm);         \
                 continue;                                                     \
             }                                                                 \
@@ -95,7 +99,7 @@ struct lcls_spans {
                 EMIT_SPAN(s, e - s, m);                                       \
             }                                                                 \
             sum[b] += a; sumsq[b] += q;                                       \
-            vm = m > vm ? m : vm;                                             \
+            vm = m > vm ? m : vm; BMAX(b, m);                                 \
         }                                                                     \
         *vmax = vm;                                                           \
         counts[0] = ns; counts[1] = nl; counts[2] = nnf;                      \
@@ -113,6 +117,7 @@ struct lcls_spans {
                      double offset, double scale, double hot,                 \
                      double cand_thr, double *restrict sum,                   \
                      double *restrict sumsq, int32_t *restrict excluded,      \
+                     double *restrict bmax,                                   \
                      struct lcls_spans *sp, int64_t *counts, double *vmax)   \
     {                                                                         \
         const T *restrict f = (const T *)frame;                               \
@@ -141,7 +146,7 @@ struct lcls_spans {
                         excluded[b]++;                                        \
                     }                                                         \
                 }                                                             \
-                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;         \
+                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm; BMAX(b, pm);         \
                 if (pm > cand_thr) EMIT_SPAN(s, e - s, pm);         \
                 continue;                                                     \
             }                                                                 \
@@ -155,7 +160,7 @@ struct lcls_spans {
             sum[b] += (da - dl * offset) * scale;                             \
             sumsq[b] += (((double)q - 2.0 * offset * da) + dl * offset * offset) \
                         * (scale * scale);                                    \
-            vm = v_m > vm ? v_m : vm;                                         \
+            vm = v_m > vm ? v_m : vm; BMAX(b, v_m);                           \
         }                                                                     \
         *vmax = vm;                                                           \
         counts[0] = ns; counts[1] = nl; counts[2] = 0;                        \
@@ -191,7 +196,8 @@ static void acc_sse_u16(const void *restrict frame, int64_t n_pixels,
                         const int32_t *restrict run_bin, double offset,
                         double scale, double hot, double cand_thr,
                         double *restrict sum, double *restrict sumsq,
-                        int32_t *restrict excluded, struct lcls_spans *sp,
+                        int32_t *restrict excluded, double *restrict bmax,
+                        struct lcls_spans *sp,
                         int64_t *counts, double *vmax)
 {
     const uint16_t *restrict f = (const uint16_t *)frame;
@@ -268,7 +274,7 @@ static void acc_sse_u16(const void *restrict frame, int64_t n_pixels,
                         excluded[b]++;
                     }
                 }
-                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm;
+                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm; BMAX(b, pm);
                 if (pm > cand_thr) EMIT_SPAN(s, len, pm);
                 continue;
             }
@@ -284,7 +290,7 @@ static void acc_sse_u16(const void *restrict frame, int64_t n_pixels,
             const double da = (double)a, dl = (double)len;
             sum[b] += (da - dl * offset) * scale;
             sumsq[b] += (((double)q - 2.0 * offset * da) + dl * off2) * scale2;
-            vm = v_m > vm ? v_m : vm;
+            vm = v_m > vm ? v_m : vm; BMAX(b, v_m);
         }
     }
     *vmax = vm;
@@ -311,7 +317,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                     const int32_t *run_bin, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
                     double offset, double scale, double hot, double cand_thr,
-                    double *sum, double *sumsq, int32_t *excluded,
+                    double *sum, double *sumsq, int32_t *excluded, double *bmax,
                     int32_t *span_start, int32_t *span_len, double *span_max,
                     int64_t *counts, double *vmax)
 {
@@ -322,13 +328,14 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
     memset(sum, 0, sizeof(double) * (size_t)n_bins);
     memset(sumsq, 0, sizeof(double) * (size_t)n_bins);
     memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
+    for (int32_t k = 0; k < n_bins; k++) bmax[k] = -HUGE_VAL;
 
     if (!per_pixel && scale > 0 && dtype >= LCLS_U8 && dtype <= LCLS_I16) {
 #ifdef LCLS_HAVE_SSE2
         if (dtype == LCLS_U16) {
             acc_sse_u16(frame, n_pixels, n_runs, run_start, run_len, run_bin,
                         offset, scale, hot, cand_thr, sum, sumsq, excluded,
-                        sp, counts, vmax);
+                        bmax, sp, counts, vmax);
             return 0;
         }
 #else
@@ -336,7 +343,8 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
 #endif
 #define DISPATCH(SUFFIX)                                                      \
     acc_int_##SUFFIX(frame, n_runs, run_start, run_len, run_bin, offset,      \
-                     scale, hot, cand_thr, sum, sumsq, excluded, sp, counts,  \
+                     scale, hot, cand_thr, sum, sumsq, excluded, bmax, sp,    \
+                     counts,                                                  \
                      vmax)
         switch (dtype) {
         case LCLS_U8: DISPATCH(u8); break;
@@ -350,7 +358,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
 #define DISPATCH(SUFFIX)                                                      \
     (per_pixel ? acc_p_##SUFFIX : acc_s_##SUFFIX)(                            \
         frame, n_runs, run_start, run_len, run_bin, offset_px, scale_px,      \
-        offset, scale, hot, cand_thr, sum, sumsq, excluded, sp, counts,       \
+        offset, scale, hot, cand_thr, sum, sumsq, excluded, bmax, sp, counts, \
         vmax)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;

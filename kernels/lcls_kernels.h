@@ -16,7 +16,7 @@ enum {
 };
 
 /* Version of the kernel ABI; the loader refuses a library with another one. */
-#define LCLS_KERNELS_ABI 4
+#define LCLS_KERNELS_ABI 5
 int lcls_abi_version(void);
 
 /* One pass over a frame, by runs of consecutive pixels sharing a bin.
@@ -28,12 +28,13 @@ int lcls_abi_version(void);
  * with off_i = offset_px ? offset_px[i] : offset, scale_i likewise.
  * Pixels with v > hot or v non-finite are excluded: excluded[bin]++ (and
  * non-finite ones counted in counts[2]). Every other pixel adds v to sum[bin]
- * and v*v to sumsq[bin] and updates *vmax. Pixels with v > cand_thr ("lit",
+ * and v*v to sumsq[bin] and updates *vmax and bmax[bin] (largest included
+ * value of the bin, -HUGE_VAL when none). Pixels with v > cand_thr ("lit",
  * counted in counts[1]) are reported as candidate spans: ascending,
  * non-overlapping ranges [span_start[k], span_start[k] + span_len[k]) inside
  * one run that contain every lit pixel, with span_max[k] the largest
  * included value of the span; counts[0] = number of spans (capacity:
- * n_runs + n_pixels / 16 + 1). sum, sumsq, excluded (n_bins each) are
+ * n_runs + n_pixels / 16 + 1). sum, sumsq, excluded, bmax (n_bins each) are
  * overwritten. n_pixels is the frame size (no read goes past it).
  * Returns 0, or -1 for an unknown dtype.
  */
@@ -43,7 +44,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                     const int32_t *run_bin, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
                     double offset, double scale, double hot, double cand_thr,
-                    double *sum, double *sumsq, int32_t *excluded,
+                    double *sum, double *sumsq, int32_t *excluded, double *bmax,
                     int32_t *span_start, int32_t *span_len, double *span_max,
                     int64_t *counts, double *vmax);
 

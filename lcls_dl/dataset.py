@@ -15,7 +15,7 @@ Examples
 (['water', 'ice', 'miss'], 4000, 2800)
 >>> batch = ds.read([0, 5, 17])                    # doctest: +SKIP
 >>> batch["image"].shape                           # doctest: +SKIP
-(3, 64, 128)
+(3, 128, 128, 2)
 """
 import hashlib
 import json
@@ -161,7 +161,10 @@ class Dataset:
         return list(self.preprocessing.get("scalar_names", []))
 
     def shapes(self):
-        """Per-frame shapes ``{"image": (H, W), "profile": (Q,), "scalars": (S,)}``."""
+        """Per-frame shapes ``{"image": (H, W, C), "profile": (Q,), "scalars": (S,)}``.
+
+        ``image`` is ``(H, W)`` for 1-channel datasets and ``(0, 0)`` for tables.
+        """
         f = self._file(0)
         return {name: tuple(f[name].shape[1:]) for name in ARRAYS}
 

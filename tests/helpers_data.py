@@ -16,20 +16,28 @@ TRANSFORMS = {"asinh": np.arcsinh, "log1p": np.log1p, "linear": lambda x: x}
 
 
 def make_preprocessing(shape=(32, 64), n_q=64, transform="asinh"):
-    """A ``preprocessing`` block laid out like lcls_dl.ingest.preprocess writes it."""
+    """A ``preprocessing`` block laid out like lcls_dl.ingest.preprocess writes it.
+
+    ``shape`` (H, W) is a 1-channel image, (H, W, 2) adds the max-SNR channel.
+    """
     q_edges = np.linspace(0.5, 3.5, n_q + 1).round(6).tolist()
-    return {"image_shape": list(shape), "n_q": n_q, "q_min": 0.5, "q_max": 3.5,
+    return {"image_shape": list(shape[:2]), "image_channels": 2 if len(shape) == 3 else 1,
+            "n_q": n_q, "q_min": 0.5, "q_max": 3.5,
             "transform": transform, "transform_scale": 1.0, "norm_floor": 0.05,
             "scalar_names": list(SCALAR_NAMES), "q_edges": q_edges}
 
 
 def synth_frames(labels, classes, shape=(32, 64), n_q=64, seed=0, transform="asinh"):
-    """Arrays (image, profile, scalars) for integer ``labels`` into ``classes``."""
+    """Arrays (image, profile, scalars) for integer ``labels`` into ``classes``.
+
+    A 3-D ``shape`` (H, W, 2) adds a max-SNR-like channel: (counts - ring) / sqrt(ring).
+    """
     rng = np.random.default_rng(seed)
-    h, w = shape
+    h, w = shape[:2]
+    two = len(shape) == 3
     n = len(labels)
     qi = np.arange(h)[:, None]
-    image = np.empty((n, h, w), np.float32)
+    image = np.empty((n,) + tuple(shape), np.float32)
     profile = np.empty((n, n_q), np.float32)
     scalars = np.empty((n, len(SCALAR_NAMES)), np.float32)
     qp = np.arange(n_q)
@@ -46,11 +54,16 @@ def synth_frames(labels, classes, shape=(32, 64), n_q=64, seed=0, transform="asi
                 r, c = int(rng.integers(2, h - 2)), int(rng.integers(0, w))
                 counts[r - 1:r + 2, [(c - 1) % w, c, (c + 1) % w]] += rng.uniform(30, 80)
             prof = prof + 3.0 * np.exp(-0.5 * ((qp - 0.55 * n_q) / 1.0) ** 2)
+        background = ring + 0.3
         counts = rng.poisson(counts).astype(np.float32)
         mean = counts.mean()
         norm = max(mean, 0.05)
         f = TRANSFORMS[transform]
-        image[k] = f(counts / norm)
+        if two:
+            image[k, ..., 0] = f(counts / norm)
+            image[k, ..., 1] = f((counts - background) / np.sqrt(background))
+        else:
+            image[k] = f(counts / norm)
         profile[k] = f(np.maximum(prof + rng.normal(0, 0.1, n_q), 0) / norm)
         scalars[k] = [peaks + rng.integers(0, 2), np.log10(1 + counts.sum()),
                       np.log10(mean + 1e-4), np.log10(1 + counts.max())]

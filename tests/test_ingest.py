@@ -89,7 +89,10 @@ def test_ingest_end_to_end_plain(tmp_path, run_dir):
     assert list(ds.ids[:2]) == ["a.h5:0", "a.h5:1"] and ds.ids[7] == "b.h5:0"
     assert ds.labels[[0, 1, 2, 11]].tolist() == [2, 0, -1, 1]
     batch = ds.read([0, 1, 11])
-    assert batch["image"].shape == (3, 16, 32) and batch["profile"].shape == (3, 16)
+    assert batch["image"].shape == (3, 16, 32, 2) and batch["profile"].shape == (3, 16)
+    pre = ds.preprocessing  # (H, W) + channel count; re-creates the same parameters
+    assert pre["image_shape"] == [16, 32] and pre["image_channels"] == 2
+    assert PreprocessParams.from_dict(pre).image_array_shape == (16, 32, 2)
     # the ring frame's profile peaks near S1, the blank frame's is flat and low
     centers = PreprocessParams(n_q=16, image_shape=(16, 32)).q_centers()
     assert abs(centers[np.argmax(batch["profile"][1])] - 1.9) < 0.3
@@ -111,7 +114,7 @@ def test_info_dataset_and_model(tmp_path, run_dir, cli):
     assert "geometry    flat (48, 48)" in r.stdout
     r = cli("info", out, "--json", check=True)
     summary = json.loads(r.stdout)
-    assert summary["frames"] == 12 and summary["shapes"]["image"] == [16, 32]
+    assert summary["frames"] == 12 and summary["shapes"]["image"] == [16, 32, 2]
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.json").write_text(json.dumps({"architecture": "cnn_dnn",

@@ -51,6 +51,7 @@ def _assert_acc_equal(a, b, frame, bins, offset, scale, hot, cand_thr):
     np.testing.assert_allclose(a.sum, b.sum, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(a.sumsq, b.sumsq, rtol=1e-12, atol=1e-9)
     np.testing.assert_array_equal(a.excluded, b.excluded)
+    np.testing.assert_array_equal(a.binmax, b.binmax)  # exact: max of the same doubles
     lit_a = _lit_pixels(a, frame, bins, offset, scale, hot, cand_thr)
     lit_b = _lit_pixels(b, frame, bins, offset, scale, hot, cand_thr)
     np.testing.assert_array_equal(lit_a, lit_b)
@@ -98,6 +99,7 @@ def test_accumulate_counts_nonfinite_only_in_used_pixels(kern):
     frame[10] = -np.inf
     frame[4] = np.nan  # masked: ignored
     acc = k.accumulate(frame, bins, 3, 0.0, 1.0, np.inf, 5.0)
+    np.testing.assert_array_equal(acc.binmax, [9.0, 3.0, 11.0])  # finite pixels only
     assert acc.n_nonfinite == 4
     np.testing.assert_array_equal(acc.excluded, [1, 1, 2])
     np.testing.assert_allclose(acc.sum, [1 + 9, 2 + 3, 8 + 11])

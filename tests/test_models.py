@@ -187,3 +187,57 @@ def test_temperature_scaling_reduces_calibration_error():
     assert res["temperature"] == pytest.approx(3.0, rel=0.2)
     assert res["ece_after"] < 0.5 * res["ece_before"]
     assert (softmax(over, res["temperature"]).argmax(1) == over.argmax(1)).all()
+
+
+def test_two_channel_image_model_and_per_channel_norm(tmp_path):
+    from lcls_dl.models.builders import build_model, image_input_shape, select_inputs
+    from lcls_dl.dataset import Dataset
+    from lcls_dl.models.data import normalization_stats
+
+    ds = Dataset(make_dataset(tmp_path / "d", n=20, shape=(8, 16, 2), n_q=8, shard_size=10))
+    norm = normalization_stats(ds, np.arange(20), arrays=("image",))
+    mean, std = norm["image"]
+    assert mean.shape == std.shape == (2,)
+    img = ds.read(np.arange(20), ("image",))["image"]
+    np.testing.assert_allclose(mean, img.mean((0, 1, 2)), rtol=1e-5)
+    assert image_input_shape((8, 16)) == (8, 16, 1)
+    m = build_model("cnn", (8, 16, 2), 8, 0, 2, blueprint={"cnn": {"filters": [4]}}, seed=0,
+                    norm=norm)
+    assert tuple(m.inputs[0].shape[1:]) == (8, 16, 2)
+    p = np.asarray(m(select_inputs(m, {"image": img})))
+    assert p.shape == (20, 2) and np.all(np.isfinite(p))
+    # the normalization layer standardizes each channel separately
+    from lcls_dl.models.builders import sub_model
+    z = np.asarray(sub_model(m, "image_norm")(img))
+    np.testing.assert_allclose(z.mean((0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std((0, 1, 2)), 1.0, rtol=1e-3)
+
+
+def test_augmenter_two_channels_roll_together_and_snr_scales_with_sqrt():
+    from lcls_dl.models.data import Augmenter
+
+    rng = np.random.default_rng(0)
+    n, h, w = 6, 8, 16
+    counts = rng.poisson(3.0, (n, h, w)).astype(np.float64) + 1e-3
+    snr = rng.uniform(-1, 20, (n, h, w))
+    mean = counts.mean((1, 2))
+    pre = {"transform": "asinh", "transform_scale": 1.0, "norm_floor": 0.05,
+           "scalar_names": ["log10_total_photons", "log10_mean_photons"]}
+    img = np.stack([np.arcsinh(counts / mean[:, None, None]), np.arcsinh(snr)], -1)
+    batch = {"image": img.astype(np.float32),
+             "scalars": np.stack([np.log10(1 + counts.sum((1, 2))), np.log10(mean + 1e-4)],
+                                 1).astype(np.float32)}
+    out = Augmenter(pre, scale_sigma=0, noise=0)(batch, np.random.default_rng(1))
+    # roll/flip move both channels with the same permutation of phi columns
+    o = out["image"]
+    for i in range(n):
+        for j in range(w):
+            src = [k for k in range(w) if np.array_equal(batch["image"][i, :, k, 0], o[i, :, j, 0])]
+            assert any(np.array_equal(batch["image"][i, :, k, 1], o[i, :, j, 1]) for k in src)
+    out = Augmenter(pre, scale_sigma=0.5, noise=0, roll=False, flip=False)(
+        batch, np.random.default_rng(2))
+    a = (10 ** out["scalars"][:, 1] - 1e-4) / mean
+    assert a.std() > 0.05
+    np.testing.assert_allclose(np.sinh(out["image"][..., 1]),
+                               snr * np.sqrt(a)[:, None, None], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(out["image"][..., 0], batch["image"][..., 0], rtol=2e-3, atol=2e-3)

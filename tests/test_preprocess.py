@@ -50,6 +50,11 @@ def test_params_round_trip_and_validation():
     d = json.loads(json.dumps(p.to_dict()))
     d["scalar_names"] = list(SCALAR_NAMES)  # manifest extras are ignored
     assert PreprocessParams.from_dict(d) == p
+    assert p.image_channels == 2 and p.image_array_shape == (64, 128, 2)
+    del d["image_channels"]  # a block written before the max-SNR channel: 2-D image
+    assert PreprocessParams.from_dict(d).image_array_shape == (64, 128)
+    with pytest.raises(ConfigError):
+        PreprocessParams(image_channels=3)
     edges = p.q_edges()
     assert edges.shape == (p.n_q + 1,) and edges[0] == p.q_min and edges[-1] == p.q_max
     with pytest.raises(ConfigError):
@@ -72,7 +77,8 @@ def test_constant_frame_gives_constant_profile_and_image(backend):
     np.testing.assert_allclose(out["profile"][covered], 7.0)
     assert np.all(out["profile"][~covered] == 0)
     rows = pre._static_covered.any(axis=1)
-    np.testing.assert_allclose(out["image"][rows], 7.0, rtol=1e-6)  # filled bins too
+    np.testing.assert_allclose(out["image"][rows, :, 0], 7.0, rtol=1e-6)  # filled bins too
+    np.testing.assert_allclose(out["image"][rows, :, 1], 0.0, atol=1e-6)  # no pixel stands out
     s = dict(zip(pre.scalar_names, out["scalars"]))
     assert s["n_peaks"] == 0 and s["lit_fraction"] == 1.0
     assert s["log10_total_photons"] == pytest.approx(np.log10(1 + 7.0 * pre.n_pixels_used), rel=1e-6)
@@ -153,7 +159,8 @@ def test_peaks_counted_on_water_rings(backend):
         frame[m, y:y + h, x:x + w] += 200
     frame[2, 40, 40] += 400            # single hot-ish pixel: below peak_min_pixels
     frame[1, 0:20, 70:72] += 300       # 40 px streak: above peak_max_pixels
-    p = params(q_min=0.0, q_max=4.0, n_q=8, image_shape=(8, 32), transform="none")
+    p = params(q_min=0.0, q_max=4.0, n_q=8, image_shape=(8, 32), transform="none",
+               peak_max_pixels=30)
     pre = FramePreprocessor(q, phi, None, p, kernels=backend)
     s = dict(zip(pre.scalar_names, pre(frame)["scalars"]))
     assert s["n_peaks"] == len(spots)
@@ -206,7 +213,7 @@ def test_batch_matches_single_frames_and_bin_maps():
     frames = np.stack([water_frame(q, rng) for _ in range(3)])
     pre = FramePreprocessor(q, phi, None, params(n_q=16, image_shape=(32, 32)))
     out = pre.batch(frames)
-    assert out["image"].shape == (3, 32, 32) and out["profile"].shape == (3, 16)
+    assert out["image"].shape == (3, 32, 32, 2) and out["profile"].shape == (3, 16)
     assert out["scalars"].shape == (3, len(pre.scalar_names))
     np.testing.assert_array_equal(out["profile"][1], pre(frames[1])["profile"])
     pb, ib = pre.profile_bin, pre.image_bin
@@ -241,3 +248,35 @@ def test_profile_matches_pyfai_integrate1d(method):
     assert ok.sum() > 30
     rel_l2 = np.linalg.norm(profile[ok] - res.intensity[ok]) / np.linalg.norm(res.intensity[ok])
     assert rel_l2 < 0.01, rel_l2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_snr_channel_keeps_a_spot_the_mean_washes_out(backend):
+    rng = np.random.default_rng(8)
+    q, phi = flat_maps(shape=(240, 240), center=(120, 120))
+    p = params(image_shape=(16, 32), transform="none", peak_max_pixels=30)
+    pre = FramePreprocessor(q, phi, None, p, kernels=backend)
+    ring = water_frame(q, rng, scale=20.0)
+    spot = ring.copy()
+    spot[80:83, 90:93] += 30  # 9 px spot, ~5 sigma of the ring's Poisson noise per pixel
+    a, b = pre(ring), pre(spot)
+    k = pre.image_bin[81, 91]
+    r, c = divmod(int(k), 32)
+    mean_gain = b["image"][r, c, 0] - a["image"][r, c, 0]
+    assert mean_gain < 0.25 * 30  # averaged over the bin's pixels
+    assert b["image"][r, c, 1] > a["image"][r, c, 1] + 3  # the spot's best pixel survives
+    assert b["image"][r, c, 1] == b["image"][..., 1].max()
+    # SNR channel is ~(v - mean_q) / sigma_q: check it against the profile-bin statistics
+    pb = pre.profile_bin
+    sel = pb == pb[81, 91]
+    v = spot[sel]
+    expect = (spot[80:83, 90:93].max() - v.mean()) / v.std()
+    assert b["image"][r, c, 1] == pytest.approx(expect, rel=1e-4)
+    sa, sb = (dict(zip(pre.scalar_names, x["scalars"])) for x in (a, b))
+    assert sb["log10_max_snr"] == pytest.approx(np.log10(1 + expect), rel=1e-4)
+    assert sb["n_snr_bins"] >= 1 and sb["n_snr_bins"] > sa["n_snr_bins"]
+    # legacy 1-channel image is channel 0
+    one = FramePreprocessor(q, phi, None, params(image_shape=(16, 32), transform="none",
+                                                 image_channels=1), kernels=backend)(spot)
+    assert one["image"].shape == (16, 32) and one["scalars"].shape == (len(SCALAR_NAMES),)
+    np.testing.assert_allclose(one["image"], b["image"][..., 0], rtol=1e-6)

@@ -273,3 +273,204 @@ def test_expand_inputs_sorted_names_and_globs(tmp_path):
         expand_inputs([str(tmp_path / "*.nothing")])
     with pytest.raises(InputError, match="no such file"):
         expand_inputs([str(tmp_path / "nope")])
+
+
+def test_nexus_read_clips_to_frame_count_and_energy_units(tmp_path):
+    """read(start, stop) past the end gives only the frames there (no uninitialised rows);
+    a master without a wavelength takes its energy from incident_energy in keV."""
+    data = frames(3).astype(np.uint16) + 1
+    with h5py.File(tmp_path / "z_data_000001.h5", "w") as f:
+        f["entry/data/data"] = data
+    m = tmp_path / "z_master.h5"
+    with h5py.File(m, "w") as f:
+        f["entry/data/data_000001"] = h5py.ExternalLink("z_data_000001.h5", "/entry/data/data")
+        d = f.create_group("entry/instrument/detector")
+        d["x_pixel_size"] = 75e-6
+        d["detector_distance"] = 0.12
+        f["entry/instrument/beam/incident_energy"] = 9.5
+        f["entry/instrument/beam/incident_energy"].attrs["units"] = np.array([b"keV"])
+    with open_source(str(m)) as src:
+        got = src.read(1, 10)
+        assert got.shape == (2, SS, FS)
+        np.testing.assert_array_equal(got, data[1:3])
+        assert src.read(5, 8).shape == (0, SS, FS)
+        assert src.geometry.energy_ev == pytest.approx(9500.0)
+    with h5py.File(m, "a") as f:
+        f["entry/instrument/beam/incident_energy"].attrs["units"] = "furlong"
+    with pytest.raises(InputError, match="unknown energy units"):
+        open_source(str(m))
+
+
+def test_cxi_distance_flag_overrides_file_geometry(tmp_path):
+    """--distance-mm on a CXI file with its own geometry moves the detector (was ignored)."""
+    g = geom.flat((SS, FS), 100e-6, 0.05, 9370.0, beam_center=(10.0, 20.0))
+    p = tmp_path / "run.cxi"
+    write_cxi(p, frames(), g)
+    with open_source(str(p), distance_mm=80.0, energy_ev=9000.0) as src:
+        ref = geom.flat((SS, FS), 100e-6, 0.08, 9000.0, beam_center=(10.0, 20.0))
+        assert src.geometry.distance == pytest.approx(0.08)
+        np.testing.assert_allclose(src.geometry.q_map(), ref.q_map(), rtol=1e-9)
+    with pytest.raises(InputError, match="positive"):
+        open_source(str(p), distance_mm=-5.0)
+
+
+def write_cxi_with(path, key, value, g):
+    """A CXI file of ``g`` whose dataset ``key`` is then overwritten with ``value``."""
+    write_cxi(path, frames(), g)
+    with h5py.File(path, "a") as f:
+        f[key][()] = value
+    return str(path)
+
+
+def test_cxi_non_si_energy_or_distance_is_input_error(tmp_path):
+    """CXI is SI: energy stored in eV (or distance in mm) is refused, not turned into nonsense q."""
+    g = geom.flat((SS, FS), 100e-6, 0.05, 9370.0)
+    ev = write_cxi_with(tmp_path / "ev.cxi", "entry_1/instrument_1/source_1/energy", 9370.0, g)
+    with pytest.raises(InputError, match="joules"):
+        open_source(ev)
+    with pytest.raises(InputError, match="joules"):                    # the fallback path too
+        open_source(ev, format="cxi", pixel_size_um=100.0)
+    with open_source(ev, energy_ev=9370.0) as src:                     # the flag replaces it
+        np.testing.assert_allclose(src.geometry.q_map(), g.q_map(), rtol=1e-9)
+    with open_source(ev, pixel_size_um=100.0, energy_ev=9370.0) as src:
+        assert src.geometry.energy_ev == pytest.approx(9370.0)
+    mm = write_cxi_with(tmp_path / "mm.cxi", "entry_1/instrument_1/detector_1/distance", 139.0, g)
+    with pytest.raises(InputError, match="metres"):
+        open_source(mm)
+
+
+def test_cxi_per_asic_stack_with_per_asic_geometry(tmp_path):
+    """(N, 64, 185, 194) data with 64 corner_positions (one per ASIC) maps onto the 2x1s."""
+    ref = geom.cspad(distance=0.139, energy_ev=9370.0, layout="modules")
+    order = sorted(ref.panels, key=lambda p: (p.module, p.fs0))   # ASIC a = 2 m + fs0 // 194
+    data = np.zeros((1, 64, 185, 194), np.uint16)
+    data[0, 5, 3, 4] = 9
+    p = tmp_path / "asics.cxi"
+    write_cxi(p, data)
+    mask = np.zeros((64, 185, 194), np.uint8)
+    mask[5, 0, 0] = 1                 # CXI mask: nonzero = bad
+    with h5py.File(p, "a") as f:
+        det = f["entry_1/instrument_1/detector_1"]
+        det["distance"] = 0.139
+        det["corner_positions"] = np.array([np.add(q.corner, (0, 0, 0.139)) for q in order])
+        det["basis_vectors"] = np.array([[q.ss_vec, q.fs_vec] for q in order])
+        det["mask"] = mask
+    with open_source(str(p)) as src:
+        assert src.frame_shape == (32, 185, 388)
+        assert src.read(0, 1)[0, 2, 3, 194 + 4] == 9
+        np.testing.assert_allclose(src.geometry.q_map(), ref.q_map(), rtol=1e-9)
+        assert not src.geometry.mask[2, 0, 194] and src.geometry.mask[2, 0, 0]
+
+
+def test_cheetah_single_frame_read_past_the_frame_is_empty(tmp_path):
+    p = tmp_path / "LCLS_2011_Feb28_r0139_163412_1a40_cspad.h5"
+    with h5py.File(p, "w") as f:
+        f["data/data"] = np.ones((SS, FS), np.float32)
+    with open_source(str(p), pixel_size_um=110.0, distance_mm=139.0, energy_ev=9367.0) as src:
+        assert src.read(0, 5).shape == (1, SS, FS)
+        assert src.read(1, 2).shape == (0, SS, FS)
+
+
+def write_cheetah_hit(path, raw, energy_ev=9367.0, position_mm=139.0, fiducial=0x1a3f):
+    """One Cheetah classic hit file: raw CSPAD slab, a small assembled image, machine data."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/rawdata", data=raw, chunks=(185, 388))
+        f["data/data"] = raw[:SS, :FS].astype(np.float32)      # assembled (small stand-in)
+        f["LCLS/photon_energy_eV"] = [energy_ev]
+        f["LCLS/photon_wavelength_A"] = [12398.419843320026 / energy_ev]
+        f["LCLS/detectorPosition"] = [position_mm]
+        f["LCLS/fiducial"] = [fiducial]
+
+
+def test_cheetah_classic_ingest_end_to_end(tmp_path, cli):
+    """A run directory of Cheetah one-hit files -> lcls-dl ingest -> a labeled dataset."""
+    import csv
+    import json
+
+    from lcls_dl.dataset import Dataset
+
+    g = geom.cspad(distance=0.139, energy_ev=9367.0, layout="slab")
+    q = g.q_map()
+    rng = np.random.default_rng(3)
+    run = tmp_path / "r0139"
+    run.mkdir()
+    names = [f"LCLS_2011_Feb28_r0139_16341{i}_1a3{i}_cspad.h5" for i in range(3)]
+    for i, name in enumerate(names):
+        lam = 0.05 + (8.0 if i != 1 else 0.0) * np.exp(-0.5 * ((q - 1.9) / 0.2) ** 2)
+        raw = np.where(np.isfinite(lam), rng.poisson(np.nan_to_num(lam)), 0).astype(np.int16)
+        write_cheetah_hit(run / name, raw, fiducial=0x1a30 + i)
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerows([["file", "event", "label"], [names[0], 0, "water"],
+                     [names[1], 0, "miss"]])
+    out = tmp_path / "data"
+    r = cli("ingest", run, "--labels", tmp_path / "labels.csv", "--out", out,
+            "--preprocess", "n_q=16", "--preprocess", "image_shape=[16,32]", timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(i["path"], i["reader"], i["frames"]) for i in m["inputs"]] == \
+        [(n, "cheetah", 1) for n in names]
+    assert m["geometry"]["frame_shape"] == [1480, 1552]
+    assert m["geometry"]["distance"] == pytest.approx(0.139)
+    assert m["geometry"]["energy_ev"] == pytest.approx(9367.0)
+    assert {k: v for k, v in m["class_counts"].items() if v} == \
+        {"water": 1, "miss": 1, "unlabeled": 1}
+    ds = Dataset(out)
+    assert list(ds.ids) == [f"{n}:0" for n in names]
+    prof = ds.read([0, 1, 2])["profile"]
+    centers = np.asarray(ds.preprocessing["q_edges"])
+    centers = (centers[1:] + centers[:-1]) / 2
+    assert abs(centers[np.argmax(prof[0])] - 1.9) < 0.3      # the ring is where it was put
+    assert np.ptp(prof[1]) < 0.2 * np.ptp(prof[0])           # the blank frame's is flat
+    ds.close()
+    # an encoder that is not the sample distance: --distance-mm overrides it
+    r = cli("ingest", run / names[0], "--out", tmp_path / "d2", "--distance-mm", "150",
+            "--preprocess", "n_q=16", "--preprocess", "image_shape=[16,32]", timeout=120)
+    assert r.returncode == 0, r.stderr
+    m2 = json.loads((tmp_path / "d2" / "manifest.json").read_text())
+    assert m2["geometry"]["distance"] == pytest.approx(0.150)
+
+
+def test_info_lists_inputs_bad_items_versions_and_model_sections(tmp_path, cli):
+    """lcls-dl info: inputs, skipped bad items and versions of a dataset; a model's sections."""
+    import json
+
+    from lcls_dl.ingest import pipeline
+    from lcls_dl.ingest.preprocess import PreprocessParams
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with h5py.File(raw / "a.h5", "w") as f:
+        f["frames"] = frames(3)
+    (raw / "broken.h5").write_text("not hdf5")
+    out = tmp_path / "data"
+    m = pipeline.ingest([str(raw)], str(out), skip_bad=True, pixel_size_um=400.0,
+                        distance_mm=12.0, energy_ev=9370.0,
+                        params=PreprocessParams(n_q=8, image_shape=(8, 16)))
+    r = cli("info", out, check=True)
+    assert "a.h5: 3 frames (plain)" in r.stdout
+    assert "broken.h5: not an HDF5 file" in r.stdout
+    assert f"numpy {np.__version__}" in r.stdout and "preprocess  n_q = 8" in r.stdout
+    model = tmp_path / "model"
+    model.mkdir()
+    meta = {"schema_version": 1, "kind": "lcls-dl model", "software": m["software"],
+            "model_kind": "cnn_dnn", "classes": ["water", "ice"],
+            "inputs": {"image": [8, 16, 2], "profile": [8]}, "geometry": m["geometry"],
+            "preprocessing": m["preprocessing"],
+            "dataset": {"path": str(out), "n_frames": 3, "manifest_checksum": "f" * 64,
+                        "class_counts": {"water": 2, "ice": 1}},
+            "split": {"seed": 4, "counts": {"train": 2, "val": 1, "test": 0}},
+            "training": {"epochs_run": 5, "best_epoch": 4, "params": 1234},
+            "metrics": {"val": {"n": 1, "accuracy": 0.75, "macro_f1": 0.5}},
+            "temperature": 1.5, "seed": 4}
+    (model / "model.json").write_text(json.dumps(meta))
+    r = cli("info", model, check=True)
+    assert r.stdout.startswith("model: ")
+    assert "model       cnn_dnn, 1234 parameters" in r.stdout
+    assert "inputs      image (8, 16, 2), profile (8,)" in r.stdout
+    assert "3 frames (water 2, ice 1)" in r.stdout and "train 2, val 1, test 0" in r.stdout
+    assert "accuracy 0.7500" in r.stdout and "geometry    flat (32, 40)" in r.stdout
+    assert "preprocess  n_q = 8" in r.stdout and "seed        4" in r.stdout
+    (model / "model.json").write_text("{torn")
+    r = cli("info", model)
+    assert r.returncode == 1 and "unreadable model.json" in r.stderr

@@ -237,3 +237,19 @@ def test_demo_refuses_non_empty_dir_and_has_help(tmp_path, cli):
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
     helped = cli("demo", "--help", timeout=120)
     assert helped.returncode == 0 and "Example:" in helped.stdout
+
+
+def test_contact_sheet_shows_two_channel_images_with_spots_in_red(tmp_path):
+    from lcls_dl.active.suggest import sheet_image, write_contact_sheet
+
+    img = np.zeros((16, 32, 2))
+    img[..., 0] = np.linspace(0, 1, 32)[None, :]
+    img[..., 1] = np.random.default_rng(0).normal(0, 0.1, (16, 32))
+    img[5, 7, 1] = 5.0  # a spot only the max-SNR channel shows
+    rgb = sheet_image(img)
+    assert rgb.shape == (16, 32, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    assert rgb[5, 7, 0] == 1.0 and rgb[5, 7, 1] == 0.0  # pure red
+    np.testing.assert_array_equal(sheet_image(img[..., 0]), img[..., 0])
+    rows = [{"rank": i + 1, "id": f"r:{i}", "score": 0.5, "predicted": "ice"} for i in range(3)]
+    path = write_contact_sheet(str(tmp_path / "s.png"), np.stack([img] * 3), rows)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

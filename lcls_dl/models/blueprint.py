@@ -2,7 +2,9 @@
 
 A blueprint is a small mapping; every key is optional and defaults to :data:`DEFAULT`::
 
-    cnn:                      # branch on the polar (q, phi) image, shape (H, W, 1)
+    cnn:                      # branch on the polar (q, phi) image, shape (H, W, C)
+      input_pool: 2           # max-pool the image by this factor first (1 = off): 4x
+                              # cheaper convolutions; max keeps a spot's max-SNR pixel
       filters: [8, 16, 32]    # one Conv2D (3x3, ReLU) + 2x2 max-pool per entry
       kernel: 3
       pool: 2
@@ -30,7 +32,8 @@ import os
 from ..errors import ConfigError
 
 DEFAULT = {
-    "cnn": {"filters": [8, 16, 32], "kernel": 3, "pool": 2, "global_pool": "max+avg"},
+    "cnn": {"input_pool": 2, "filters": [8, 16, 32], "kernel": 3, "pool": 2,
+            "global_pool": "max+avg"},
     "dnn": {"units": [64, 32]},
     "head": {"embedding": 32, "dropout": 0.3},
     "activation": "relu",
@@ -107,7 +110,7 @@ def validate_blueprint(blueprint, where="blueprint"):
                 v = _int_list(v, name, where, allow_empty=True)
             elif key == "kernel":
                 v = _int(v, name, where, 1, 15)
-            elif key == "pool":
+            elif key in ("pool", "input_pool"):
                 v = _int(v, name, where, 1, 8)
             elif key == "embedding":
                 v = _int(v, name, where, 1, 4096)

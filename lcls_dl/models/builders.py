@@ -2,7 +2,7 @@
 
 The default model has two branches joined into one head::
 
-    image (H, W) --> normalize --> [Conv2D 3x3 + ReLU + MaxPool] x k --> global max+avg pool --+
+    image (H, W, C) --> normalize --> MaxPool --> [Conv2D 3x3 + ReLU + MaxPool] x k --> global max+avg --+
                                                                                               +--> concat
     profile (Q,) + scalars (S,) --> normalize --> [Dense + ReLU] x m ---------------------------+
         --> Dense "embedding" --> Dropout "mc_dropout" --> Dense "logits" --> Softmax "probs"
@@ -52,8 +52,30 @@ def _norm(keras, name, stats, axis):
     if stats is None:
         return None
     mean, std = (np.asarray(s, np.float32) for s in stats)
+    if axis is not None and mean.ndim == 0:  # one (mean, std) for every channel
+        axis = None
     std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
     return keras.layers.Normalization(axis=axis, mean=mean, variance=std ** 2, name=name)
+
+
+def image_input_shape(image_shape):
+    """``(H, W, C)`` of the CNN input from a dataset's per-frame image shape.
+
+    ``(H, W)`` (1-channel datasets) gives ``(H, W, 1)``; ``(H, W, C)`` is kept.
+
+    Examples
+    --------
+    >>> image_input_shape((16, 32)), image_input_shape((16, 32, 2))
+    ((16, 32, 1), (16, 32, 2))
+    """
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) == 2:
+        return shape + (1,)
+    if len(shape) != 3 or min(shape) < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"image shape must be (H, W) or (H, W, C), got {shape}")
+    return shape
 
 
 def build_model(kind="cnn+dnn", image_shape=None, profile_len=None, n_scalars=0, n_classes=2,
@@ -63,8 +85,9 @@ def build_model(kind="cnn+dnn", image_shape=None, profile_len=None, n_scalars=0,
     Parameters
     ----------
     kind : {"cnn+dnn", "cnn", "dnn"}
-    image_shape : tuple (H, W)
-        Polar image shape (needed for kinds with a CNN branch).
+    image_shape : tuple (H, W, C) or (H, W)
+        Per-frame polar image shape as stored in the dataset (needed for kinds with a CNN
+        branch); ``(H, W)`` is one channel.
     profile_len, n_scalars : int
         Radial profile length and scalar count (needed for kinds with a DNN branch).
     n_classes : int
@@ -74,7 +97,8 @@ def build_model(kind="cnn+dnn", image_shape=None, profile_len=None, n_scalars=0,
     seed : int
         Seeds every initializer and the dropout layer, so a fixed seed gives the same model.
     norm : dict, optional
-        ``{"image": (mean, std), "profile": (mean[Q], std[Q]), "scalars": (mean[S], std[S])}``
+        ``{"image": (mean[C], std[C]) or scalars, "profile": (mean[Q], std[Q]),
+        "scalars": (mean[S], std[S])}``
         measured on training frames (:func:`lcls_dl.models.data.normalization_stats`);
         missing entries mean no normalization of that input.
 
@@ -104,14 +128,21 @@ def build_model(kind="cnn+dnn", image_shape=None, profile_len=None, n_scalars=0,
 
     inputs, branches = [], []
     if kind in ("cnn+dnn", "cnn"):
-        h, w = (int(s) for s in image_shape)
-        image = keras.Input((h, w), name="image")
+        h, w, c = image_input_shape(image_shape)
+        if len(tuple(image_shape)) == 2:
+            image = keras.Input((h, w), name="image")
+            x = keras.layers.Reshape((h, w, 1), name="image_channel")(image)
+        else:
+            image = keras.Input((h, w, c), name="image")
+            x = image
         inputs.append(image)
-        x = keras.layers.Reshape((h, w, 1), name="image_channel")(image)
-        layer = _norm(keras, "image_norm", norm.get("image"), None)
+        layer = _norm(keras, "image_norm", norm.get("image"), -1)
         if layer is not None:
             x = layer(x)
         cnn = bp["cnn"]
+        k_in = cnn["input_pool"]
+        if k_in > 1 and min(h, w) >= 2 * k_in:
+            x = keras.layers.MaxPooling2D(k_in, name="input_pool")(x)
         for i, filters in enumerate(cnn["filters"]):
             x = keras.layers.Conv2D(filters, cnn["kernel"], padding="same", activation=act,
                                     kernel_initializer=init(), name=f"conv{i}")(x)

@@ -38,6 +38,15 @@ augmentations act on what the detector would have seen and are carried through t
   ``0.5 * sqrt(photons / pixels per bin)`` (half the Poisson noise of a polar bin; pixels per
   bin = (total photons / mean photons) / (H * W)), clipped at zero photons.
 
+Two-channel images ``(N, H, W, 2)`` (channel 0 mean photons, channel 1 max local SNR, see
+:mod:`lcls_dl.ingest.preprocess`): roll and flip move both channels together; intensity
+scaling treats channel 0 as above and multiplies the SNR channel by ``sqrt(a)`` (after
+undoing its ``transform``; no frame normalization there): when photons scale by ``a``, a
+spot's excess over the ring scales by ``a`` and the Poisson sigma of the ring by
+``sqrt(a)``. (Where sigma is dominated by real structure -- polarization -- the SNR would
+not change; sqrt is the photon-limited case that matters for weak spots.) The jitter is
+added to channel 0 only. A 2-D image ``(N, H, W)`` is one mean channel.
+
 Without the photon scalars (e.g. a dataset ingested with other scalar features) intensity
 scaling and noise are skipped and only roll/flip apply; this is logged once.
 """
@@ -97,8 +106,9 @@ def normalization_stats(dataset, rows, max_frames=512, seed=0, arrays=("image", 
                                                                        "scalars")):
     """Mean/std of the model inputs on up to ``max_frames`` training frames.
 
-    The image gets one (mean, std) over all pixels (a per-pixel one would break the phi
-    symmetry); profile and scalars get one per bin / feature.
+    The image gets one (mean, std) per channel over all pixels (a per-pixel one would
+    break the phi symmetry; a 2-D 1-channel image gets scalars); profile and scalars get
+    one per bin / feature.
     """
     rows = np.asarray(rows)
     if len(rows) > max_frames:
@@ -109,7 +119,10 @@ def normalization_stats(dataset, rows, max_frames=512, seed=0, arrays=("image", 
         x = batch[name].astype(np.float64)
         if x.size == 0 or (x.ndim == 2 and x.shape[1] == 0):
             continue
-        if name == "image":
+        if name == "image" and x.ndim == 4:
+            axes = (0, 1, 2)
+            out[name] = (x.mean(axis=axes).astype(np.float32), x.std(axis=axes).astype(np.float32))
+        elif name == "image":
             out[name] = (np.float32(x.mean()), np.float32(x.std()))
         else:
             out[name] = (x.mean(axis=0).astype(np.float32), x.std(axis=0).astype(np.float32))
@@ -172,10 +185,12 @@ class Augmenter:
         n = len(next(iter(batch.values())))
         if "image" in batch:
             img = np.array(batch["image"], np.float32, copy=True)
-            if self.roll and img.shape[-1] > 1:
-                shifts = rng.integers(0, img.shape[-1], n)
-                cols = (np.arange(img.shape[-1])[None, :] - shifts[:, None]) % img.shape[-1]
-                img = np.take_along_axis(img, cols[:, None, :].repeat(img.shape[1], 1), axis=2)
+            n_phi = img.shape[2] if img.ndim >= 3 else 0
+            if self.roll and n_phi > 1:
+                shifts = rng.integers(0, n_phi, n)
+                cols = (np.arange(n_phi)[None, :] - shifts[:, None]) % n_phi
+                idx = cols.reshape((n, 1, n_phi) + (1,) * (img.ndim - 3))
+                img = np.take_along_axis(img, np.broadcast_to(idx, img.shape), axis=2)
             if self.flip:
                 flip = rng.random(n) < 0.5
                 img[flip] = img[flip][:, :, ::-1]
@@ -193,6 +208,10 @@ class Augmenter:
             if name not in out:
                 continue
             y = np.asarray(out[name], np.float64)
+            snr = None
+            if name == "image" and y.ndim == 4:  # (N, H, W, C): channel 1 is max SNR
+                snr = y[..., 1:]
+                y = y[..., 0]
             shape = (n,) + (1,) * (y.ndim - 1)
             photons = inv(y) * norm_old.reshape(shape) * factor.reshape(shape)
             if name == "image" and self.noise > 0:
@@ -201,7 +220,11 @@ class Augmenter:
                 jitter = rng.standard_normal(y.shape)
                 photons = np.maximum(photons + self.noise * np.sqrt(
                     np.maximum(photons, 0.0) / per_bin) * jitter, 0.0)
-            out[name] = fwd(photons / norm_new.reshape(shape)).astype(np.float32)
+            y_new = fwd(photons / norm_new.reshape(shape))
+            if snr is not None:
+                f4 = np.sqrt(factor).reshape((n, 1, 1, 1))
+                y_new = np.concatenate([y_new[..., None], fwd(inv(snr) * f4)], axis=-1)
+            out[name] = y_new.astype(np.float32)
         for key, offset in _LOG_SCALARS.items():
             j = self.scalar_index.get(key)
             if j is not None:

@@ -39,18 +39,21 @@ import math
 import os
 import re
 import shutil
+import signal
 import time
 
 import numpy as np
 
 from ..atomic import atomic_open
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, LclsError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_VERSION = 1
-_CKPT_RE = re.compile(r"epoch-(\d{4,})\.npz$")
+#: version written; versions this code can resume from (1: epoch boundaries only)
+CHECKPOINT_VERSION = 2
+READABLE_CHECKPOINT_VERSIONS = (1, 2)
+_CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{6,}))?\.npz$")
 # options that change nothing in the trained weights (not part of the configuration hash)
 _NOT_HASHED = ("keep", "calibrate", "block", "progress")
 
@@ -81,6 +84,13 @@ class TrainConfig:
     keep : int
         Epoch checkpoints kept (plus ``best.npz``).
     blueprint : dict or None
+    lr_scaling : {"linear", "none"}
+        ``"linear"``: the peak learning rate is ``lr * global_batch / lr_reference_batch``
+        (Goyal et al.'s linear scaling rule, with the warmup above), where the global batch
+        is ``batch_size * world.size``; ``"none"``: ``lr`` whatever the number of ranks.
+    lr_reference_batch : int or None
+        Batch size ``lr`` was chosen for (None: ``batch_size``, so one process trains
+        with ``lr`` and N ranks with ``N * lr``).
     """
 
     model: str = "cnn+dnn"
@@ -99,6 +109,8 @@ class TrainConfig:
     calibrate: bool = True
     keep: int = 3
     blueprint: dict = None
+    lr_scaling: str = "linear"
+    lr_reference_batch: int = None
     block: int = 1024
     progress: bool = True
 
@@ -116,6 +128,23 @@ class TrainConfig:
     def hashed(self):
         """The options that determine the weights (everything but ``keep``, ``calibrate``, ...)."""
         return {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+
+    def peak_lr(self, world_size):
+        """Peak learning rate for ``world_size`` ranks (see ``lr_scaling``).
+
+        Examples
+        --------
+        >>> TrainConfig(lr=1e-3, batch_size=16).peak_lr(4)
+        0.004
+        >>> TrainConfig(lr=1e-3, batch_size=16, lr_reference_batch=32).peak_lr(1)
+        0.0005
+        """
+        if self.lr_scaling == "none":
+            return float(self.lr)
+        if self.lr_scaling != "linear":
+            raise ConfigError(f"unknown lr_scaling {self.lr_scaling!r} (linear or none)")
+        ref = self.lr_reference_batch or self.batch_size
+        return float(self.lr) * self.batch_size * int(world_size) / float(ref)
 
     def hash(self):
         blob = json.dumps(self.hashed(), sort_keys=True, default=str).encode()
@@ -147,12 +176,40 @@ class WarmupCosine:
 
 
 # -- checkpoints ------------------------------------------------------------------------------
-def checkpoint_path(out_dir, epoch):
-    return os.path.join(out_dir, CHECKPOINT_DIR, f"epoch-{epoch:04d}.npz")
+def checkpoint_path(out_dir, epoch, step=0):
+    """``checkpoints/epoch-NNNN.npz`` after ``epoch`` complete epochs, or
+    ``epoch-NNNN-step-SSSSSS.npz`` after ``step`` more steps (an interrupted epoch)."""
+    name = f"epoch-{epoch:04d}" + (f"-step-{step:06d}" if step else "") + ".npz"
+    return os.path.join(out_dir, CHECKPOINT_DIR, name)
+
+
+def _checkpoint_key(path):
+    """``(epochs done, steps done in the next epoch)`` of a checkpoint path, or None."""
+    m = _CKPT_RE.search(os.path.basename(path))
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def _test_checkpoint_pause(path):
+    """Test hook: ``LCLS_DL_TEST_CHECKPOINT_SLEEP="epoch-0002.npz:30"`` pauses inside the
+    atomic write of that checkpoint (temporary file written, not yet renamed), after
+    creating ``<checkpoints>/.writing-<name>``, so a test can kill the process there."""
+    spec = os.environ.get("LCLS_DL_TEST_CHECKPOINT_SLEEP")
+    if not spec:
+        return
+    name, _, seconds = spec.rpartition(":")
+    if name == os.path.basename(path):
+        mark = os.path.join(os.path.dirname(path), ".writing-" + name)
+        with open(mark, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(float(seconds))
 
 
 def save_checkpoint(path, model_vars, opt_vars, state):
-    """Write one checkpoint atomically (``.npz``: ``m/NNN``, ``o/NNN``, ``state`` JSON)."""
+    """Write one checkpoint atomically (``.npz``: ``m/NNN``, ``o/NNN``, ``state`` JSON).
+
+    A process killed during the write leaves only a hidden temporary file (removed or
+    ignored later); the previous checkpoints are untouched.
+    """
     arrays = {f"m/{i:04d}": np.asarray(v) for i, v in enumerate(model_vars)}
     arrays.update({f"o/{i:04d}": np.asarray(v) for i, v in enumerate(opt_vars)})
     state = dict(state, checkpoint_version=CHECKPOINT_VERSION,
@@ -160,6 +217,8 @@ def save_checkpoint(path, model_vars, opt_vars, state):
     arrays["state"] = np.frombuffer(json.dumps(state, default=_json_num).encode(), np.uint8)
     with atomic_open(path, "wb") as fh:
         np.savez(fh, **arrays)
+        fh.flush()
+        _test_checkpoint_pause(path)
 
 
 def _json_num(obj):
@@ -174,33 +233,50 @@ def load_checkpoint(path):
     Raises
     ------
     InputError
-        The file is missing, truncated or corrupted (one line naming the file).
+        The file is missing, truncated or corrupted, or was written by an incompatible
+        version of lcls-dl (one line naming the file).
     """
     try:
         with np.load(path, allow_pickle=False) as z:
             state = json.loads(bytes(z["state"]).decode())
+            version = state.get("checkpoint_version")
+            if version not in READABLE_CHECKPOINT_VERSIONS:
+                raise _VersionMismatch(version)
             model_vars = [z[f"m/{i:04d}"] for i in range(state["n_model_vars"])]
             opt_vars = [z[f"o/{i:04d}"] for i in range(state["n_opt_vars"])]
     except FileNotFoundError:
         raise InputError("checkpoint not found", path) from None
+    except _VersionMismatch as exc:
+        raise InputError(f"incompatible checkpoint version {exc.args[0]!r} (this lcls-dl "
+                         f"reads version(s) {', '.join(map(str, READABLE_CHECKPOINT_VERSIONS))}"
+                         f"); train again with --overwrite", path) from None
     except Exception as exc:  # zipfile.BadZipFile, EOFError, KeyError, ValueError, zlib.error
         raise InputError(f"corrupted or truncated checkpoint ({type(exc).__name__}); delete it "
                          f"or train again with --overwrite", path) from None
     return model_vars, opt_vars, state
 
 
+class _VersionMismatch(Exception):
+    pass
+
+
 def latest_checkpoint(out_dir):
-    """Path of the newest epoch checkpoint in ``out_dir`` (None if there is none)."""
+    """Path of the newest epoch or mid-epoch checkpoint in ``out_dir`` (None if there is none).
+
+    Temporary files of an interrupted write (``.epoch-*.npz.*.tmp``) are never chosen.
+    """
     found = []
     for p in glob.glob(os.path.join(out_dir, CHECKPOINT_DIR, "epoch-*.npz")):
-        m = _CKPT_RE.search(p)
-        if m:
-            found.append((int(m.group(1)), p))
+        key = _checkpoint_key(p)
+        if key is not None:
+            found.append((key, p))
     return max(found)[1] if found else None
 
 
 def _prune(out_dir, keep):
-    paths = sorted(glob.glob(os.path.join(out_dir, CHECKPOINT_DIR, "epoch-*.npz")))
+    paths = [p for p in glob.glob(os.path.join(out_dir, CHECKPOINT_DIR, "epoch-*.npz"))
+             if _checkpoint_key(p) is not None]
+    paths.sort(key=_checkpoint_key)
     for p in paths[:-max(int(keep), 1)]:
         try:
             os.unlink(p)
@@ -279,8 +355,77 @@ def _reset_rng(model, seed, epoch):
             i += 1
 
 
+class TooFewRanks(LclsError):
+    """Fewer ranks survive than the run accepts (``min_ranks``): restart from a checkpoint.
+
+    Exit code 75 (``EX_TEMPFAIL``): the launcher's ``--max-restarts`` restarts the job.
+    """
+
+    exit_code = 75
+
+
+class _TestHooks:
+    """Fault injection for the fault-tolerance tests, read from the environment.
+
+    - ``LCLS_DL_TEST_KILL="R:S[,R:S...]"``: the rank whose ``COMM_WORLD`` rank is R
+      SIGKILLs itself before global step S (the optimizer's iteration count);
+    - ``LCLS_DL_TEST_SIGNAL="R:S:SIGTERM"``: rank R sends itself that signal before step S;
+    - ``LCLS_DL_TEST_KILL_ONCE=PREFIX``: fire each kill only once (marker file
+      ``PREFIX.R.S``), so a restarted job gets past it;
+    - ``LCLS_DL_TEST_STEP_SLEEP=SECONDS``: sleep before every step (slow a tiny run down
+      so a test can signal it mid-epoch).
+    """
+
+    def __init__(self, me, environ=None):
+        env = os.environ if environ is None else environ
+        self.me = int(me)
+        self.kills = set()
+        for item in filter(None, env.get("LCLS_DL_TEST_KILL", "").split(",")):
+            r, s = item.split(":")
+            if int(r) == self.me:
+                self.kills.add(int(s))
+        self.signals = {}
+        for item in filter(None, env.get("LCLS_DL_TEST_SIGNAL", "").split(",")):
+            r, s, name = item.split(":")
+            if int(r) == self.me:
+                self.signals[int(s)] = getattr(signal, name)
+        self.once = env.get("LCLS_DL_TEST_KILL_ONCE")
+        self.sleep = float(env.get("LCLS_DL_TEST_STEP_SLEEP", 0) or 0)
+        self.active = bool(self.kills or self.signals or self.sleep)
+
+    def before_step(self, step):
+        if self.sleep:
+            time.sleep(self.sleep)
+        if step in self.signals:
+            os.kill(os.getpid(), self.signals.pop(step))
+        if step in self.kills:
+            if self.once:
+                mark = f"{self.once}.{self.me}.{step}"
+                if os.path.exists(mark):
+                    return
+                with open(mark, "w") as fh:
+                    fh.write(str(os.getpid()))
+            log.warning("test hook: rank %d kills itself before step %d", self.me, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _world_rank(world):
+    """This process's rank in the original ``COMM_WORLD`` (stable across shrinks)."""
+    ranks = getattr(world, "world_ranks", None)
+    return int(ranks[world.rank]) if ranks else int(world.rank)
+
+
+def weights_digest(model):
+    """SHA-256 of every model variable's bytes (ranks that agree bitwise give equal digests)."""
+    h = hashlib.sha256()
+    for v in model.variables:
+        h.update(np.ascontiguousarray(v.numpy()).tobytes())
+    return h.hexdigest()
+
+
 def train(model, dataset, splits, classes, config, out_dir=None, world=None, partition=None,
-          grad_reducer=None, resume=False, callbacks=(), context=None):
+          grad_reducer=None, resume=False, callbacks=(), context=None, stop=None,
+          min_ranks=1):
     """Train ``model`` in place on ``dataset`` rows ``splits["train"]``.
 
     Parameters
@@ -295,31 +440,49 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     out_dir : str, optional
         Model directory for checkpoints/logs (None: keep nothing on disk).
     world : World, optional
-        Default :class:`lcls_dl.distributed.world.LocalWorld`.
+        Default :class:`lcls_dl.distributed.world.LocalWorld`. A
+        :class:`lcls_dl.distributed.ulfm.FaultTolerantWorld` makes the loop survive dead
+        ranks: on :class:`~lcls_dl.distributed.ulfm.WorldShrunk` the survivors take the
+        new root's weights, optimizer state and position, re-partition the epoch among
+        themselves, rescale the learning rate to the new global batch and redo the step.
     partition : callable, optional
         ``partition(rows, labels, epoch, seed, rank, size) -> rows`` (default
         :func:`lcls_dl.models.data.default_partition`).
     grad_reducer : callable, optional
-        ``grad_reducer(list of ndarray) -> list of ndarray`` (default ``world.allreduce_mean``).
+        ``grad_reducer(list of ndarray) -> list of ndarray`` (default ``world.allreduce_mean``,
+        the bucketed in-place :class:`~lcls_dl.distributed.allreduce.GradientAverager`
+        of an ``MPIWorld``).
     resume : bool
-        Continue from the newest checkpoint in ``out_dir``.
+        Continue from the newest checkpoint in ``out_dir`` (epoch boundary or mid-epoch).
     callbacks : sequence of callables
         ``cb(epoch, logs, model)`` after every epoch on every rank (epoch counts from 1);
         return True to stop training.
     context : dict, optional
         Extra JSON-able facts that must match on resume (dataset checksum, split counts).
+    stop : lcls_dl.distributed.signals.StopRequest, optional
+        Checked (a collective) after every step: once any rank got SIGTERM/SIGUSR1 all
+        ranks stop after the same step and the root writes a mid-epoch checkpoint.
+    min_ranks : int
+        Raise :class:`TooFewRanks` when a shrink leaves fewer ranks.
 
     Returns
     -------
     dict
         ``{"history", "best_epoch", "best_val_loss", "epochs_run", "stopped_early",
-        "train_seconds", "images_per_second"}``; ``model`` holds the best weights.
+        "train_seconds", "images_per_second", "interrupted", "checkpoint", "world_size",
+        "lost_ranks", "recoveries", "peak_lr"}``; ``model`` holds the best weights
+        (the current ones when ``interrupted``).
     """
     import tensorflow as tf
 
     from ..distributed.world import LocalWorld
     from .builders import sub_model
     from .data import Augmenter, class_weights, default_partition, make_tf_dataset
+
+    try:
+        from ..distributed.ulfm import WorldShrunk
+    except ImportError:  # pragma: no cover - ulfm imports nothing heavy
+        WorldShrunk = ()
 
     world = world or LocalWorld()
     partition = partition or default_partition
@@ -335,15 +498,20 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     names = [t.name.split(":")[0] for t in model.inputs]
     shapes = {n: shapes_all[n] for n in names}
     augment = Augmenter(dataset.preprocessing) if cfg.augment else None
+    me = _world_rank(world)
+    start_size = world.size
 
     global_batch = cfg.batch_size * world.size
     steps_per_epoch = max(1, math.ceil(len(train_rows) / global_batch))
-    schedule = WarmupCosine(cfg.lr, round(cfg.warmup_epochs * steps_per_epoch),
+    # the schedule's shape is fixed at the start; its peak follows the global batch
+    schedule = WarmupCosine(1.0, round(cfg.warmup_epochs * steps_per_epoch),
                             steps_per_epoch * cfg.epochs, cfg.min_lr_fraction)
+    peak = tf.Variable(cfg.peak_lr(world.size), trainable=False, dtype=tf.float32)
     import keras
 
     # a zero-argument callable: evaluated at every update from the optimizer's own counter
-    optimizer = keras.optimizers.Adam(learning_rate=lambda: schedule(optimizer.iterations))
+    optimizer = keras.optimizers.Adam(
+        learning_rate=lambda: schedule(optimizer.iterations) * peak)
     trainable = model.trainable_variables
     optimizer.build(trainable)
     logits_model = sub_model(model, "logits")
@@ -372,13 +540,14 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         optimizer.apply_gradients(zip(grads, trainable))
         return ce_sum, correct
 
-    local = world.size == 1 and grad_reducer is None
-    reducer = grad_reducer or world.allreduce_mean
+    local = world.size == 1 and grad_reducer is None and not hasattr(world, "ft")
+    reducer = grad_reducer or (lambda arrays: world.allreduce_mean(arrays))
 
     # -- initial state: broadcast from root, or restore a checkpoint --------------------------
     context = dict(context or {})
-    state = {"epoch": 0, "history": [], "best_val_loss": None, "best_epoch": 0, "wait": 0,
-             "stopped": False}
+    # epoch: complete epochs; step: steps done in epoch + 1; sums: (ce, correct, frames) so far
+    state = {"epoch": 0, "step": 0, "sums": [0.0, 0.0, 0.0], "history": [],
+             "best_val_loss": None, "best_epoch": 0, "wait": 0, "stopped": False}
     if resume:
         path = latest_checkpoint(out_dir) if (out_dir and world.is_root) else None
         path = world.bcast_object(path)
@@ -400,8 +569,15 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         for v, a in zip(optimizer.variables, ovars):
             v.assign(a)
         state = {k: ck.get(k, state[k]) for k in state}
+        if not world.is_root:  # the saved partial sums are the job's; count them once
+            state["sums"] = [0.0, 0.0, 0.0]
+        if state["step"] and ck.get("world_size", world.size) != world.size:
+            log.warning("resuming mid-epoch with %d ranks instead of %d: the rest of epoch %d "
+                        "is re-partitioned (frame coverage of that epoch is approximate)",
+                        world.size, ck.get("world_size"), state["epoch"] + 1)
         if world.is_root:
-            log.info("resuming after epoch %d from %s", state["epoch"], path)
+            log.info("resuming after epoch %d%s from %s", state["epoch"],
+                     f" + {state['step']} steps" if state["step"] else "", path)
     else:
         mvars = world.broadcast([np.array(v.numpy()) for v in model.variables])
         for v, a in zip(model.variables, mvars):
@@ -417,99 +593,213 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
             best_vars = load_checkpoint(best_path)[0]
         best_vars = world.bcast_object(best_vars) if world.size > 1 else best_vars
 
-    writer = None
-    if out_dir and world.is_root:
-        writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs"))
-
     from ..cli.common import progress
 
-    history = list(state["history"])
+    writer = None
+    hooks = _TestHooks(me)
     t_start = time.perf_counter()
     images = 0
-    epoch = state["epoch"]
-    stopped_early = bool(state["stopped"]) and epoch < cfg.epochs  # early-stopped before
-    while epoch < cfg.epochs and not state["stopped"]:
-        epoch += 1
-        t0 = time.perf_counter()
-        _reset_rng(model, cfg.seed, epoch)
-        part = np.asarray(partition(train_rows, train_labels, epoch, cfg.seed, world.rank,
-                                    world.size), np.int64)
-        length = max(world.allgather_object(int(len(part))))
-        part_labels = labels_all[part].astype(np.int32)
-        data = make_tf_dataset(dataset, part, part_labels, cfg.batch_size, shapes,
-                               seed=cfg.seed, epoch=epoch, rank=world.rank, shuffle=True,
-                               augment=augment, block=cfg.block, length=length)
-        sums = np.zeros(3)  # ce sum, correct, frames
-        bar = progress(total=math.ceil(length / cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
-                       unit="batch", disable=not (cfg.progress and world.is_root) or None)
-        for inputs, y in data:
-            if local:
-                ce_sum, correct = fused_step(inputs, y)
-            else:
-                ce_sum, correct, grads = grad_step(inputs, y)
-                reduced = reducer([g.numpy() for g in grads])
-                apply_step([tf.convert_to_tensor(g) for g in reduced])
-            n = int(y.shape[0])
-            sums += (float(ce_sum), float(correct), n)
-            images += n
-            bar.update(1)
+    sums = np.asarray(state.pop("sums"), np.float64)
+    phase = "train" if state["epoch"] < cfg.epochs and not state["stopped"] else "done"
+    stopped_early = bool(state["stopped"]) and state["epoch"] < cfg.epochs
+    data_iter, bar, n_steps, pending_stop = None, None, 0, False
+    need_sync, interrupted, ck_path = False, None, None
+    recovering, recoveries = None, []
+
+    def checkpoint_state():
+        return dict(state, sums=sums.tolist(), world_size=world.size, config=cfg.hashed(),
+                    config_hash=cfg.hash(), context=context, classes=list(classes))
+
+    def sync_from_root():
+        """After a shrink: every survivor takes the new root's weights, optimizer and place."""
+        nonlocal phase, pending_stop
+        mv = world.broadcast([np.array(v.numpy()) for v in model.variables])
+        for v, a in zip(model.variables, mv):
+            v.assign(a)
+        ov = world.broadcast([np.array(v.numpy()) for v in optimizer.variables])
+        for v, a in zip(optimizer.variables, ov):
+            v.assign(a)
+        shared = world.bcast_object((state, phase, pending_stop))
+        state.clear()
+        state.update(shared[0])
+        phase, pending_stop = shared[1], shared[2]
+        peak.assign(cfg.peak_lr(world.size))
+
+    while phase != "done":
+        try:
+            if need_sync:
+                sync_from_root()
+                need_sync = False
+            if phase == "train":
+                epoch = state["epoch"] + 1
+                if data_iter is None:
+                    if state["step"] == 0:  # no step of this epoch applied yet
+                        _reset_rng(model, cfg.seed, epoch)
+                    part = np.asarray(partition(train_rows, train_labels, epoch, cfg.seed,
+                                                world.rank, world.size), np.int64)
+                    length = max(world.allgather_object(int(len(part))))
+                    n_steps = math.ceil(length / cfg.batch_size)
+                    data = make_tf_dataset(dataset, part, labels_all[part].astype(np.int32),
+                                           cfg.batch_size, shapes, seed=cfg.seed, epoch=epoch,
+                                           rank=world.rank, shuffle=True, augment=augment,
+                                           block=cfg.block, length=length)
+                    if state["step"]:
+                        data = data.skip(min(state["step"], n_steps))
+                    data_iter = iter(data)
+                    if bar is not None:
+                        bar.close()
+                    bar = progress(total=n_steps, initial=min(state["step"], n_steps),
+                                   desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                                   disable=not (cfg.progress and world.is_root) or None)
+                    t_epoch = time.perf_counter()
+                if state["step"] < n_steps:
+                    inputs, y = next(data_iter)
+                    if hooks.active:
+                        hooks.before_step(int(optimizer.iterations.numpy()))
+                    if local:
+                        ce_sum, correct = fused_step(inputs, y)
+                    else:
+                        ce_sum, correct, grads = grad_step(inputs, y)
+                        # fresh arrays every try: the averager reduces in place
+                        reduced = reducer([np.array(g) for g in grads])
+                        apply_step([tf.convert_to_tensor(g) for g in reduced])
+                    n = int(y.shape[0])
+                    sums += (float(ce_sum), float(correct), n)
+                    images += n
+                    state["step"] += 1
+                    bar.update(1)
+                    if recovering is not None:
+                        rec = dict(recovering, first_step_s=time.perf_counter() - recovering.pop("_t"),
+                                   size=world.size)
+                        recoveries.append(rec)
+                        log.warning("recovered from lost rank(s) %s: world size now %d; %.3f s "
+                                    "from detection to the first step after the shrink",
+                                    rec["lost"], world.size, rec["first_step_s"])
+                        recovering = None
+                    if stop is not None and stop.should_stop(world):
+                        sums = np.asarray(world.allreduce_sum(sums), np.float64)
+                        if not world.is_root:
+                            sums[:] = 0.0
+                        interrupted = stop.signal_name or "stop request"
+                        if out_dir and world.is_root:
+                            ck_path = checkpoint_path(out_dir, state["epoch"], state["step"])
+                            save_checkpoint(ck_path, [np.array(v.numpy()) for v in model.variables],
+                                            [np.array(v.numpy()) for v in optimizer.variables],
+                                            checkpoint_state())
+                            log.warning("stop requested (%s): checkpoint after epoch %d + %d "
+                                        "steps written to %s", interrupted, state["epoch"],
+                                        state["step"], ck_path)
+                        ck_path = world.bcast_object(ck_path)
+                        phase = "done"
+                    continue
+                phase = "eval"
+            if phase == "eval":
+                epoch = state["epoch"] + 1
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                total = np.asarray(world.allreduce_sum(sums), np.float64)
+                train_s = time.perf_counter() - t_epoch
+                val = evaluate_rows(model, dataset, val_rows, labels_all, world,
+                                    cfg.batch_size * 4, logits_model=logits_model)
+                lr_now = float((schedule(optimizer.iterations) * peak).numpy())
+                row = {"epoch": epoch, "loss": total[0] / max(total[2], 1),
+                       "accuracy": total[1] / max(total[2], 1),
+                       "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                       "lr": lr_now, "seconds": train_s,
+                       "images_per_second": total[2] / max(train_s, 1e-9)}
+                # -- commit (no collectives from here to the agreement) -------------------
+                state["history"] = list(state["history"]) + [row]
+                monitor = row["val_loss"] if len(val_rows) else row["loss"]
+                improved = (state["best_val_loss"] is None
+                            or monitor < state["best_val_loss"] - cfg.min_delta)
+                if improved:
+                    state["best_val_loss"], state["best_epoch"], state["wait"] = \
+                        float(monitor), epoch, 0
+                    best_vars = [np.array(v.numpy()) for v in model.variables]
+                else:
+                    state["wait"] += 1
+                stop_now = cfg.patience > 0 and state["wait"] >= cfg.patience
+                state.update(epoch=epoch, step=0, stopped=bool(stop_now))
+                sums = np.zeros(3)
+                data_iter = None
+                if out_dir and world.is_root:
+                    ck_state = checkpoint_state()
+                    opt_vars = [np.array(v.numpy()) for v in optimizer.variables]
+                    if improved:
+                        save_checkpoint(os.path.join(out_dir, CHECKPOINT_DIR, "best.npz"),
+                                        best_vars, opt_vars, ck_state)
+                    save_checkpoint(checkpoint_path(out_dir, epoch),
+                                    [np.array(v.numpy()) for v in model.variables], opt_vars,
+                                    ck_state)
+                    _prune(out_dir, cfg.keep)
+                    write_metrics_csv(os.path.join(out_dir, "metrics.csv"), state["history"])
+                    if writer is None:
+                        writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs"))
+                    with writer.as_default():
+                        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+                            if row[key] is not None and np.isfinite(row[key]):
+                                _tb_scalar(tf, key, row[key], epoch)
+                        writer.flush()
+                if world.is_root and cfg.progress:
+                    log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  "
+                             "%.0f img/s", epoch, cfg.epochs, row["loss"], row["accuracy"],
+                             row["val_loss"], row["val_accuracy"], row["images_per_second"])
+                # callbacks run after the checkpoint: an exception here (an interruption)
+                # loses nothing
+                for cb in callbacks:
+                    stop_now = bool(cb(epoch, dict(row), model)) or stop_now
+                pending_stop = stop_now
+                phase = "agree"
+            if phase == "agree":
+                agreed = world.agree(pending_stop) if world.size > 1 else pending_stop
+                pending_stop = False
+                if agreed:
+                    stopped_early = state["epoch"] < cfg.epochs
+                    phase = "done"
+                else:
+                    phase = "train" if state["epoch"] < cfg.epochs else "done"
+        except WorldShrunk as shrunk:
+            now = time.perf_counter()
+            recs = getattr(world, "recoveries", None) or [{}]
+            if recovering is None:
+                recovering = {"lost": [], "detect_to_shrunk_s": 0.0,
+                              "_t": now - float(recs[-1].get("recover_s", 0.0))}
+            recovering["lost"] = sorted(set(recovering["lost"]) | set(shrunk.lost_world_ranks))
+            recovering["detect_to_shrunk_s"] = now - recovering["_t"]
+            log.warning("lost rank(s) %s (original COMM_WORLD ranks); world size now %d; "
+                        "re-partitioning and redoing the step", shrunk.lost_world_ranks,
+                        world.size)
+            if world.size < max(int(min_ranks), 1):
+                raise TooFewRanks(f"only {world.size} rank(s) left, fewer than the minimum "
+                                  f"{min_ranks}; restart from the last checkpoint",
+                                  f"rank {world.rank}") from None
+            need_sync = True
+            data_iter = None
+    if bar is not None:
         bar.close()
-        sums = np.asarray(world.allreduce_sum(sums), np.float64)
-        train_s = time.perf_counter() - t0
-        val = evaluate_rows(model, dataset, val_rows, labels_all, world, cfg.batch_size * 4,
-                            logits_model=logits_model)
-        row = {"epoch": epoch, "loss": sums[0] / max(sums[2], 1),
-               "accuracy": sums[1] / max(sums[2], 1),
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "lr": float(schedule(optimizer.iterations).numpy()),
-               "seconds": train_s, "images_per_second": sums[2] / max(train_s, 1e-9)}
-        history.append(row)
-        monitor = row["val_loss"] if len(val_rows) else row["loss"]
-        improved = state["best_val_loss"] is None or monitor < state["best_val_loss"] - cfg.min_delta
-        if improved:
-            state["best_val_loss"], state["best_epoch"], state["wait"] = float(monitor), epoch, 0
-            best_vars = [np.array(v.numpy()) for v in model.variables]
-        else:
-            state["wait"] += 1
-        stop = cfg.patience > 0 and state["wait"] >= cfg.patience
-        state.update(epoch=epoch, history=history, stopped=bool(stop))
-        if out_dir and world.is_root:
-            ck_state = dict(state, config=cfg.hashed(), config_hash=cfg.hash(), context=context,
-                            classes=list(classes))
-            opt_vars = [np.array(v.numpy()) for v in optimizer.variables]
-            if improved:
-                save_checkpoint(os.path.join(out_dir, CHECKPOINT_DIR, "best.npz"), best_vars,
-                                opt_vars, ck_state)
-            save_checkpoint(checkpoint_path(out_dir, epoch),
-                            [np.array(v.numpy()) for v in model.variables], opt_vars, ck_state)
-            _prune(out_dir, cfg.keep)
-            write_metrics_csv(os.path.join(out_dir, "metrics.csv"), history)
-            with writer.as_default():
-                for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
-                    if row[key] is not None and np.isfinite(row[key]):
-                        _tb_scalar(tf, key, row[key], epoch)
-                writer.flush()
-        if world.is_root and cfg.progress:
-            log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  "
-                     "%.0f img/s", epoch, cfg.epochs, row["loss"], row["accuracy"],
-                     row["val_loss"], row["val_accuracy"], row["images_per_second"])
-        # callbacks run after the checkpoint: an exception here (an interruption) loses nothing
-        for cb in callbacks:
-            stop = bool(cb(epoch, dict(row), model)) or stop
-        stop = world.agree(stop) if world.size > 1 else stop
-        if stop:
-            stopped_early = epoch < cfg.epochs
-            break
     wall = time.perf_counter() - t_start
-    if best_vars is not None:
+    if best_vars is not None and not interrupted:
         for v, a in zip(model.variables, best_vars):
             v.assign(a)
     if writer is not None:
         writer.close()
-    return {"history": history, "best_epoch": int(state["best_epoch"]),
-            "best_val_loss": state["best_val_loss"], "epochs_run": int(epoch),
+    debug_dir = os.environ.get("LCLS_DL_DEBUG_WEIGHTS")
+    if debug_dir:  # tests: every rank reports a digest of its final weights
+        from ..atomic import write_json
+
+        write_json(os.path.join(debug_dir, f"weights-rank{me}.json"),
+                   {"rank": me, "size": world.size, "sha256": weights_digest(model),
+                    "iterations": int(optimizer.iterations.numpy())})
+    lost = sorted(set(getattr(world, "lost_world_ranks", []) or []))
+    return {"history": state["history"], "best_epoch": int(state["best_epoch"]),
+            "best_val_loss": state["best_val_loss"], "epochs_run": int(state["epoch"]),
             "stopped_early": bool(stopped_early), "train_seconds": wall,
-            "images_per_second": images / max(wall, 1e-9) if images else None}
+            "images_per_second": images / max(wall, 1e-9) if images else None,
+            "interrupted": interrupted, "checkpoint": ck_path,
+            "step_in_epoch": int(state["step"]), "world_size": start_size,
+            "final_world_size": world.size, "lost_ranks": lost, "recoveries": recoveries,
+            "peak_lr": cfg.peak_lr(start_size)}
 
 
 def evaluate_rows(model, dataset, rows, labels_all, world=None, batch_size=128,
@@ -540,7 +830,8 @@ def evaluate_rows(model, dataset, rows, labels_all, world=None, batch_size=128,
 
 # -- the whole job: dataset dir -> model dir ------------------------------------------------
 def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_reducer=None,
-                 resume=False, overwrite=False, callbacks=(), command=None):
+                 resume=False, overwrite=False, callbacks=(), command=None, stop=None,
+                 min_ranks=1):
     """Train a model on an ingested dataset and write a complete MODEL_DIR.
 
     Does all the work of ``lcls-dl train`` (the CLI only parses options), so an MPI
@@ -556,11 +847,18 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
         Continue from the newest checkpoint / replace an existing model directory.
     command : str, optional
         Command line recorded in model.json.
+    stop : lcls_dl.distributed.signals.StopRequest, optional
+        Stop cleanly (mid-epoch checkpoint) once any rank receives SIGTERM/SIGUSR1.
+    min_ranks : int
+        Fewest ranks the run goes on with after losing ranks (:class:`TooFewRanks`).
 
     Returns
     -------
     dict
-        The metadata written to ``model.json`` (on every rank).
+        The metadata written to ``model.json`` (on every rank; None on other ranks when the
+        root was lost at the very end). When a stop was requested nothing but the
+        checkpoint is written and the result is ``{"interrupted": signal name,
+        "checkpoint": path, "epoch": complete epochs, "step": steps into the next}``.
 
     Raises
     ------
@@ -625,7 +923,11 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
                "split_counts": split_counts}
     result = train(model, dataset, splits, classes, cfg, out_dir=out_dir, world=world,
                    partition=partition, grad_reducer=grad_reducer, resume=resume,
-                   callbacks=callbacks, context=context)
+                   callbacks=callbacks, context=context, stop=stop, min_ranks=min_ranks)
+    if result["interrupted"]:
+        dataset.close()
+        return {"interrupted": result["interrupted"], "checkpoint": result["checkpoint"],
+                "epoch": result["epochs_run"], "step": result["step_in_epoch"]}
 
     meta = None
     if world.is_root:
@@ -663,8 +965,16 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
                       "test_fraction": cfg.test_fraction, "counts": split_counts,
                       "class_counts": {k: dataset.class_counts(v) for k, v in splits.items()}},
             "training": {"options": cfg.to_dict(), "config_hash": cfg.hash(),
-                         "world_size": world.size,
-                         "global_batch_size": cfg.batch_size * world.size,
+                         "world_size": result["world_size"],
+                         "global_batch_size": cfg.batch_size * result["world_size"],
+                         "lr_scaling": {"rule": cfg.lr_scaling, "base_lr": cfg.lr,
+                                        "reference_batch": cfg.lr_reference_batch
+                                        or cfg.batch_size,
+                                        "peak_lr": result["peak_lr"],
+                                        "warmup_epochs": cfg.warmup_epochs},
+                         "final_world_size": result["final_world_size"],
+                         "lost_ranks": result["lost_ranks"],
+                         "recoveries": result["recoveries"],
                          "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
                          "best_val_loss": result["best_val_loss"],
                          "stopped_early": result["stopped_early"],
@@ -679,6 +989,13 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
 
         plot_curves(result["history"], os.path.join(out_dir, "curves.png"),
                     title=f"{cfg.model} on {os.path.basename(os.path.abspath(dataset.path))}")
-    meta = world.bcast_object(meta)
+    try:
+        meta = world.bcast_object(meta)
+    except Exception as exc:  # a rank died after training: the root has written the model
+        from ..distributed.ulfm import WorldShrunk
+
+        if not isinstance(exc, WorldShrunk):
+            raise
+        log.warning("%s after training; the model directory is complete", exc)
     dataset.close()
     return meta

@@ -33,8 +33,8 @@ from .detector_response import DetectorResponse, sample_photons
 
 CLASSES = ("water", "ice", "miss")
 TRUTH_COLUMNS = ("file", "event", "label", "temperature_k", "hit_strength", "n_crystallites",
-                 "ice_strength", "s1_q", "s2_q", "ice_type", "n_spots", "air_level",
-                 "frame_index")
+                 "ice_strength", "s1_q", "s2_q", "ice_type", "n_spots", "max_spot_snr",
+                 "air_level", "frame_index")
 Q_STEP = 0.002
 
 
@@ -49,8 +49,9 @@ class SimParams:
         ``cspad`` (1480x1552 slab), ``cspad-modules``, ``jungfrau4m``, ``epix10k2m``.
     distance_mm, energy_ev : float
     temperature : float or None
-        None = balanced mode (class mix from ``mix``; temperatures spread over 220-270 K for
-        water, 220-224 K for ice). A number = realistic run at that droplet temperature: hits
+        None = balanced mode (class mix from ``mix``; ice at 220-224 K; water at 220-224 K
+        with probability ``cold_water_fraction``, else 224-270 K, so that the water-ring
+        position is not a class proxy). A number = realistic run at that droplet temperature: hits
         at ``hit_rate``, ice share of hits from the cxi25410 table.
     mix : dict
         Class fractions in balanced mode (normalized).
@@ -59,8 +60,13 @@ class SimParams:
     hit_strength : (lo, hi)
         S1 ring peak, photons per pixel (before polarization / solid angle), log-uniform.
     ice_strength : (lo, hi)
-        Peak photons of an ice Ih 100 Bragg spot, log-uniform; the low end is as weak as
-        the Poisson noise of a strong water ring (ambiguous ice).
+        Peak photons of an ice Ih 100 Bragg spot, log-uniform. The default low end (10)
+        puts the weakest spots at the edge of detectability: on the strongest water rings
+        (~100 photons/pixel, Poisson sigma ~10) a 10-photon spot is ~1 sigma per pixel and
+        ~2-3 sigma summed over its pixels (ambiguous ice); on a median ring (~10
+        photons/pixel) it is clearly visible.
+    cold_water_fraction : float
+        Balanced mode: share of water shots drawn at the ice temperatures (220-224 K).
     crystallites : (lo, hi)
         Crystallites per ice shot, log-uniform integer.
     sd_fraction : float
@@ -79,9 +85,10 @@ class SimParams:
                                                            "miss": 0.10})
     hit_rate: float = 0.05
     hit_strength: tuple = (1.0, 100.0)
-    ice_strength: tuple = (3.0, 3000.0)
+    ice_strength: tuple = (10.0, 3000.0)
     crystallites: tuple = (1, 40)
     sd_fraction: float = 0.3
+    cold_water_fraction: float = 0.5
     air: tuple = (0.005, 0.05)
     response: DetectorResponse = dataclasses.field(default_factory=DetectorResponse)
 
@@ -100,6 +107,9 @@ class SimParams:
             if not (0 < lo <= hi):
                 raise InputError(f"{name.replace('_', '-')} range must be 0 < lo <= hi, "
                                  f"got {lo},{hi}", f"--{name.replace('_', '-')}")
+        if not 0.0 <= self.cold_water_fraction <= 1.0:
+            raise InputError(f"cold water fraction must be in [0, 1], got "
+                             f"{self.cold_water_fraction}", "cold_water_fraction")
         if not 0.0 <= self.hit_rate <= 1.0:
             raise InputError(f"hit rate must be in [0, 1], got {self.hit_rate}", "--hit-rate")
         if self.temperature is not None and not 150.0 <= float(self.temperature) <= 320.0:
@@ -127,10 +137,12 @@ def draw_shot(params, rng):
     """
     if params.temperature is None:
         label = CLASSES[int(rng.choice(3, p=[params.mix[c] for c in CLASSES]))]
-        if label == "ice":
+        # ice forms only at 220-224 K; half of the water shots (cold_water_fraction) are
+        # drawn there too, so that a cold (low-q) S1 ring does not by itself mean "ice"
+        if label == "ice" or rng.random() < params.cold_water_fraction:
             temp = rng.uniform(220.0, 224.0)
         else:
-            temp = rng.uniform(220.0, 270.0)
+            temp = rng.uniform(224.0, 270.0)
     else:
         temp = float(np.clip(rng.normal(float(params.temperature), 0.5), 150.0, 320.0))
         if rng.random() >= params.hit_rate:
@@ -210,7 +222,7 @@ class Simulator:
         expected = prof.astype(np.float32)[self.q_index]
         expected *= self.scale
         photons = sample_photons(expected, rng)
-        n_spots = 0
+        n_spots, best_snr = 0, 0.0
         if shot["label"] == "ice":
             spots = physics.draw_ice_spots(rng, shot["n_crystallites"], shot["ice_strength"],
                                            kind=shot["ice_type"])
@@ -219,10 +231,16 @@ class Simulator:
                 if placed is None:
                     continue
                 index, patch = placed
+                # visibility: expected spot photons over the Poisson noise of what is under
+                # it, at the spot's brightest pixel (before other spots are added)
+                k = np.unravel_index(int(np.argmax(patch)), patch.shape)
+                under = float(expected[index][k])
+                best_snr = max(best_snr, float(patch[k]) / math.sqrt(max(under, 0.0) + 1.0))
                 photons[index] += rng.poisson(patch).astype(np.int32)
                 expected[index] += patch.astype(np.float32)
                 n_spots += 1
         shot["n_spots"] = n_spots
+        shot["max_spot_snr"] = round(best_snr, 3)
         return photons, expected, shot
 
     def frame(self, rng, shot=None):

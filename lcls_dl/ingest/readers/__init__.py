@@ -112,6 +112,77 @@ class FrameSource:
 
 
 # -- helpers shared by the HDF5 readers -------------------------------------------------------
+class HDF5Source(FrameSource):
+    """Base of the HDF5 readers: one open file, frames in one dataset (``self._dset``).
+
+    ``__init__`` opens the file and passes the reader options to the subclass's ``_open``;
+    when ``_open`` raises, the file is closed again before the error propagates.
+    """
+
+    def __init__(self, path, name=None, **options):
+        super().__init__(path, name)
+        self._f = open_h5(self.path)
+        try:
+            self._open(**options)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _open(self, **options):
+        raise InputError(f"reader {self.reader} cannot open files", self.path)
+
+    def _use_frames(self, dset, frame_shape=None, n_frames=None):
+        """Take ``dset`` (N, ...) as the frames; events are the frame indices 0..N-1.
+
+        ``frame_shape`` and ``n_frames`` default to ``dset.shape[1:]`` and ``dset.shape[0]``
+        (a reader that presents the data otherwise, e.g. one 2-D image, passes both).
+        """
+        self._dset = dset
+        self.n_frames = int(dset.shape[0]) if n_frames is None else int(n_frames)
+        self.frame_shape = tuple(dset.shape[1:]) if frame_shape is None else tuple(frame_shape)
+        self.dtype = dset.dtype
+        self.events = np.arange(self.n_frames, dtype=np.int64)
+
+    def _flag_geometry(self, options, mask_path, base=None):
+        """Geometry from the flags (over ``base``, see :func:`geometry_from_options`) + mask."""
+        g = geometry_from_options(self.frame_shape, options, self.path, base)
+        return apply_mask(g, load_mask(mask_path, self.frame_shape))
+
+    def read(self, start, stop):
+        return read_rows(self._dset, start, stop, self.where(start))
+
+    def close(self):
+        try:
+            self._f.close()
+        except Exception:  # already closed
+            pass
+
+
+def first_value(dset):
+    """The first element of a (scalar or array) dataset as a float."""
+    return float(np.asarray(dset[()]).reshape(-1)[0])
+
+
+def positive_median(f, key):
+    """Median of the finite positive values of dataset ``key`` (None if absent or none)."""
+    if key not in f:
+        return None
+    values = np.asarray(f[key][...], float).reshape(-1)
+    values = values[np.isfinite(values) & (values > 0)]
+    return float(np.median(values)) if len(values) else None
+
+
+def units_of(dset, default):
+    """The ``units`` attribute of ``dset`` as a str (``default`` when it has none)."""
+    units = dset.attrs.get("units", default)
+    if isinstance(units, bytes):
+        units = units.decode()
+    if not isinstance(units, str):
+        units = np.asarray(units).reshape(-1)[0]
+        units = units.decode() if isinstance(units, bytes) else str(units)
+    return units
+
+
 def open_h5(path):
     """Open an HDF5 file read-only (compression plugins loaded) or raise InputError."""
     import h5py

@@ -16,25 +16,17 @@ geometry flags (``--pixel-size-um`` etc. or ``--poni``). A stack ``(N, ss, fs)``
 import numpy as np
 
 from ...errors import InputError
-from . import FrameSource, apply_mask, geometry_from_options, load_mask, open_h5, read_rows
+from . import HDF5Source, apply_mask, first_value, load_mask
 from .cxi import CSPAD_SLAB
+from .nexus import HC_EV_ANGSTROM
 
 
-class CheetahSource(FrameSource):
+class CheetahSource(HDF5Source):
     """One Cheetah hit file (see module docstring)."""
 
     reader = "cheetah"
 
-    def __init__(self, path, name=None, dataset=None, mask=None, classes=None, **options):
-        super().__init__(path, name)
-        self._f = open_h5(self.path)
-        try:
-            self._open(dataset, mask, options)
-        except BaseException:
-            self._f.close()
-            raise
-
-    def _open(self, dataset, mask_path, options):
+    def _open(self, dataset=None, mask=None, classes=None, **options):
         from .. import geometry as geom
 
         f = self._f
@@ -46,33 +38,30 @@ class CheetahSource(FrameSource):
             key = "data/data"
         if key not in f:
             raise InputError(f"no dataset /{key} in Cheetah file", self.path)
-        dset = self._dset = f[key]
+        dset = f[key]
         where = f"{self.path}:/{key}"
         if not hasattr(dset, "shape") or dset.dtype.kind not in "uif":
             raise InputError("frames dataset is not numeric", where)
         if dset.ndim == 2:
             self._single = True
-            self.n_frames, self.frame_shape = 1, tuple(dset.shape)
+            self._use_frames(dset, frame_shape=dset.shape, n_frames=1)
         elif dset.ndim == 3:
             self._single = False
-            self.n_frames, self.frame_shape = int(dset.shape[0]), tuple(dset.shape[1:])
+            self._use_frames(dset)
         else:
             raise InputError(f"frames dataset is {dset.ndim}-D; need a 2-D image or (N, ss, fs)",
                              where)
-        self.dtype = dset.dtype
-        self.events = np.arange(self.n_frames, dtype=np.int64)
         energy = distance = None
         if "LCLS/photon_energy_eV" in f:
-            energy = float(np.asarray(f["LCLS/photon_energy_eV"][()]).reshape(-1)[0])
+            energy = first_value(f["LCLS/photon_energy_eV"])
         elif "LCLS/photon_wavelength_A" in f:
-            wl = float(np.asarray(f["LCLS/photon_wavelength_A"][()]).reshape(-1)[0])
-            energy = 12398.419843320026 / wl if wl > 0 else None
+            wl = first_value(f["LCLS/photon_wavelength_A"])
+            energy = HC_EV_ANGSTROM / wl if wl > 0 else None
         if "LCLS/detectorPosition" in f:
-            distance = float(np.asarray(f["LCLS/detectorPosition"][()]).reshape(-1)[0]) * 1e-3
+            distance = first_value(f["LCLS/detectorPosition"]) * 1e-3
         for k in ("photon_energy_eV", "detectorPosition", "fiducial"):
             if f"LCLS/{k}" in f:
-                self.extra[k] = np.full(self.n_frames,
-                                        float(np.asarray(f[f"LCLS/{k}"][()]).reshape(-1)[0]))
+                self.extra[k] = np.full(self.n_frames, first_value(f[f"LCLS/{k}"]))
         if self.frame_shape == CSPAD_SLAB and not options.get("poni") \
                 and options.get("pixel_size_um") is None:
             d = options["distance_mm"] * 1e-3 if options.get("distance_mm") else distance
@@ -80,25 +69,19 @@ class CheetahSource(FrameSource):
             if not d or not e:
                 raise InputError("CSPAD slab without detector distance or photon energy; give "
                                  "--distance-mm and --energy-ev", self.path)
-            self.geometry = geom.cspad(distance=d, energy_ev=e, layout="slab")
+            self.geometry = apply_mask(geom.cspad(distance=d, energy_ev=e, layout="slab"),
+                                       load_mask(mask, self.frame_shape))
         else:
-            self.geometry = geometry_from_options(
-                self.frame_shape, options, self.path, {"distance": distance, "energy_ev": energy})
-        self.geometry = apply_mask(self.geometry, load_mask(mask_path, self.frame_shape))
+            self.geometry = self._flag_geometry(options, mask,
+                                                {"distance": distance, "energy_ev": energy})
 
     def read(self, start, stop):
-        if self._single:
-            if start >= stop:
-                return np.zeros((0,) + self.frame_shape, self.dtype)
-            try:
-                return self._dset[...][None]
-            except (OSError, RuntimeError) as exc:
-                raise InputError(f"cannot read frame: {' '.join(str(exc).split())}",
-                                 self.where(0)) from None
-        return read_rows(self._dset, start, stop, self.where(start))
-
-    def close(self):
+        if not self._single:
+            return super().read(start, stop)
+        if min(stop, self.n_frames) <= max(start, 0):
+            return np.zeros((0,) + self.frame_shape, self.dtype)
         try:
-            self._f.close()
-        except Exception:  # already closed
-            pass
+            return self._dset[...][None]
+        except (OSError, RuntimeError) as exc:
+            raise InputError(f"cannot read frame: {' '.join(str(exc).split())}",
+                             self.where(0)) from None

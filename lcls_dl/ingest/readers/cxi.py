@@ -12,18 +12,23 @@ Layout (CXIDB specification, SI units)::
 
 Frames are ``(N, ss, fs)`` slabs (e.g. the CSPAD raw slab 1480x1552) or module stacks
 ``(N, 32, 185, 388)``; psana's per-ASIC stack ``(N, 64, 185, 194)`` is presented as
-``(N, 32, 185, 388)`` (ASIC pairs side by side, as on the sensor). Geometry comes from the
-file (``DetectorGeometry.from_cxi``); files without one (Cheetah multi-event CXI) get the
-CSPAD geometry when the frames have a CSPAD shape, or the geometry flags.
+``(N, 32, 185, 388)`` (ASIC pairs side by side, as on the sensor; a per-ASIC geometry of 64
+``corner_positions`` is mapped the same way). Geometry comes from the file
+(``DetectorGeometry.from_cxi``; ``energy_ev``/``distance_mm`` replace its energy/distance);
+files without one (Cheetah multi-event CXI) get the CSPAD geometry when the frames have a
+CSPAD shape, or the geometry flags. Energies outside 10 eV-1 MeV or distances over 100 m
+after reading J and m are refused (a file that stores eV or mm is not SI).
 Event numbers are frame indices in the file; psana's ``/LCLS/eventNumber`` goes to ``extra``.
 ``detector_1/lcls_dl_adu_per_photon`` and ``lcls_dl_pedestal`` (written by ``lcls-dl
 simulate``) become ``calibration``.
 """
+import logging
+
 import numpy as np
 
 from ...errors import InputError
-from . import (FrameSource, apply_mask, check_frames_dataset, geometry_from_options, load_mask,
-               open_h5, read_rows)
+from . import (HDF5Source, apply_mask, check_frames_dataset, first_value, geometry_from_options,
+               load_mask, positive_median)
 
 JOULE_PER_EV = 1.602176634e-19
 CSPAD_MODULES = (32, 185, 388)
@@ -31,6 +36,11 @@ CSPAD_ASICS = (64, 185, 194)
 CSPAD_SLAB = (1480, 1552)
 DATA_PATHS = ("entry_1/data_1/data", "entry_1/instrument_1/detector_1/data",
               "entry_1/image_1/data")
+DETECTOR = "entry_1/instrument_1/detector_1"
+#: photon energies (eV) and distances (m) a CXI file's SI values must lie in: a file that
+#: stores eV or mm where the CXIDB specification asks for J and m fails here, not in q
+ENERGY_RANGE_EV = (10.0, 1e6)
+MAX_DISTANCE_M = 100.0
 
 
 def asics_to_modules(frames):
@@ -39,42 +49,47 @@ def asics_to_modules(frames):
     return frames.reshape(k, 32, 2, 185, 194).transpose(0, 1, 3, 2, 4).reshape(k, 32, 185, 388)
 
 
-class CXISource(FrameSource):
+def asic_geometry_to_modules(g):
+    """A per-ASIC geometry of frame shape ``(64, 185, 194)`` as one of ``(32, 185, 388)``.
+
+    ASIC ``a`` is the left (even ``a``) or right half of 2x1 sensor ``a // 2``, as
+    :func:`asics_to_modules` places the data; the mask follows the same way.
+    """
+    from ..geometry import DetectorGeometry, Panel
+
+    width = CSPAD_ASICS[2]
+    panels = []
+    for p in g.panels:
+        shift = (p.module % 2) * width
+        panels.append(Panel(p.module // 2, p.ss0, p.ss1, p.fs0 + shift, p.fs1 + shift,
+                            p.corner, p.ss_vec, p.fs_vec))
+    mask = asics_to_modules(np.asarray(g.mask)[None])[0]
+    return DetectorGeometry(CSPAD_MODULES, panels, g.distance, g.energy_ev, mask=mask,
+                            name=g.name)
+
+
+class CXISource(HDF5Source):
     """Frames of a CXI file (see module docstring)."""
 
     reader = "cxi"
 
-    def __init__(self, path, name=None, dataset=None, mask=None, classes=None, **options):
-        super().__init__(path, name)
-        self._f = open_h5(self.path)
-        try:
-            self._open(dataset, mask, options)
-        except BaseException:
-            self._f.close()
-            raise
-
-    def _open(self, dataset, mask_path, options):
+    def _open(self, dataset=None, mask=None, classes=None, **options):
         f = self._f
         paths = [dataset] if dataset else [p for p in DATA_PATHS if p in f]
         if not paths or paths[0] not in f:
             raise InputError(f"no frames dataset {dataset or DATA_PATHS[0]} in CXI file",
                              self.path)
-        self._dset = f[paths[0]]
-        check_frames_dataset(self._dset, f"{self.path}:/{paths[0]}")
-        shape = tuple(self._dset.shape[1:])
-        self._asics = shape == CSPAD_ASICS
-        self.frame_shape = CSPAD_MODULES if self._asics else shape
-        self.n_frames = int(self._dset.shape[0])
-        self.dtype = self._dset.dtype
-        self.events = np.arange(self.n_frames, dtype=np.int64)
+        dset = f[paths[0]]
+        check_frames_dataset(dset, f"{self.path}:/{paths[0]}")
+        self._asics = tuple(dset.shape[1:]) == CSPAD_ASICS
+        self._use_frames(dset, CSPAD_MODULES if self._asics else None)
         self.extra = self._extras()
         self.geometry = self._geometry(options)
-        det = "entry_1/instrument_1/detector_1"
         for key, name in (("adu_per_photon", "lcls_dl_adu_per_photon"),
                           ("pedestal", "lcls_dl_pedestal")):
-            if f"{det}/{name}" in f:
-                self.calibration[key] = float(np.asarray(f[f"{det}/{name}"][()]).reshape(-1)[0])
-        self.geometry = apply_mask(self.geometry, load_mask(mask_path, self.frame_shape))
+            if f"{DETECTOR}/{name}" in f:
+                self.calibration[key] = first_value(f[f"{DETECTOR}/{name}"])
+        self.geometry = apply_mask(self.geometry, load_mask(mask, self.frame_shape))
 
     def _extras(self):
         f, n, out = self._f, self.n_frames, {}
@@ -88,27 +103,41 @@ class CXISource(FrameSource):
         return out
 
     def _energy_ev(self):
-        f = self._f
-        if "entry_1/instrument_1/source_1/energy" in f:
-            e = np.asarray(f["entry_1/instrument_1/source_1/energy"][...], float).reshape(-1)
-            e = e[np.isfinite(e) & (e > 0)]
-            if len(e):
-                return float(np.median(e)) / JOULE_PER_EV
-        if "LCLS/photon_energy_eV" in f:
-            e = np.asarray(f["LCLS/photon_energy_eV"][...], float).reshape(-1)
-            e = e[np.isfinite(e) & (e > 0)]
-            if len(e):
-                return float(np.median(e))
-        return None
+        joules = positive_median(self._f, "entry_1/instrument_1/source_1/energy")
+        if joules is not None:
+            return self._plausible(energy_ev=joules / JOULE_PER_EV)
+        return positive_median(self._f, "LCLS/photon_energy_eV")
 
     def _distance(self):
-        f = self._f
-        if "entry_1/instrument_1/detector_1/distance" in f:
-            d = np.asarray(f["entry_1/instrument_1/detector_1/distance"][...], float).reshape(-1)
-            d = d[np.isfinite(d) & (d > 0)]
-            if len(d):
-                return float(np.median(d))
-        return None
+        return self._plausible(distance=positive_median(self._f, f"{DETECTOR}/distance"))
+
+    def _plausible(self, energy_ev=None, distance=None):
+        """Refuse values that are not SI (eV stored as J, mm as m); returns the value given."""
+        if energy_ev is not None and not ENERGY_RANGE_EV[0] <= energy_ev <= ENERGY_RANGE_EV[1]:
+            raise InputError(f"photon energy {energy_ev:.4g} eV is implausible (CXI stores "
+                             "source_1/energy in joules)", self.path)
+        if distance is not None and not distance <= MAX_DISTANCE_M:
+            raise InputError(f"detector distance {distance:.4g} m is implausible (CXI stores "
+                             "detector_1/distance in metres)", self.path)
+        return distance if energy_ev is None else energy_ev
+
+    def _file_geometry(self):
+        """``DetectorGeometry.from_cxi`` of the file, per-ASIC geometry mapped to 2x1s."""
+        from .. import geometry as geom
+
+        det = self._f[DETECTOR]
+        asic_panels = (self._asics and "lcls_dl_panels" not in det
+                       and "corner_positions" in det
+                       and np.asarray(det["corner_positions"]).size == 3 * CSPAD_ASICS[0])
+        try:
+            if asic_panels:
+                return asic_geometry_to_modules(
+                    geom.DetectorGeometry.from_cxi(self._f, CSPAD_ASICS))
+            return geom.DetectorGeometry.from_cxi(self._f, self.frame_shape)
+        except InputError:
+            raise
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            raise InputError(f"bad detector geometry in CXI file: {exc}", self.path) from None
 
     def _geometry(self, options):
         from .. import geometry as geom
@@ -116,38 +145,44 @@ class CXISource(FrameSource):
         flags = any(options.get(k) is not None for k in
                     ("poni", "pixel_size_um", "distance_mm", "beam_center"))
         if flags and len(self.frame_shape) == 2:
-            base = {"distance": self._distance(), "energy_ev": self._energy_ev()}
-            g = geometry_from_options(self.frame_shape, options, self.path, base)
+            g = geometry_from_options(self.frame_shape, options, self.path, self._base(options))
             if g is not None:
                 return g
-        det = "entry_1/instrument_1/detector_1"
-        if det in self._f and any(k in self._f[det] for k in
-                                  ("corner_positions", "basis_vectors", "lcls_dl_panels")):
-            try:
-                g = geom.DetectorGeometry.from_cxi(self._f, self.frame_shape)
-            except InputError:
-                raise
-            except (KeyError, ValueError, TypeError, OSError) as exc:
-                raise InputError(f"bad detector geometry in CXI file: {exc}", self.path) from None
-            if options.get("energy_ev"):
-                g.energy_ev = float(options["energy_ev"])
+        if DETECTOR in self._f and any(k in self._f[DETECTOR] for k in
+                                       ("corner_positions", "basis_vectors", "lcls_dl_panels")):
+            g = self._file_geometry()
+            if not options.get("energy_ev"):
+                self._plausible(energy_ev=g.energy_ev)
+            if not options.get("distance_mm"):
+                self._plausible(distance=g.distance)
+            if options.get("energy_ev") or options.get("distance_mm"):
+                distance = (options["distance_mm"] * 1e-3 if options.get("distance_mm")
+                            else g.distance)
+                g = geom.DetectorGeometry(g.frame_shape, g.panels, distance,
+                                          options.get("energy_ev") or g.energy_ev,
+                                          mask=g.mask, name=g.name)
             return g
-        energy = options.get("energy_ev") or self._energy_ev() or 9370.0
-        distance = (options["distance_mm"] * 1e-3 if options.get("distance_mm")
-                    else self._distance() or 0.139)
+        energy = options.get("energy_ev") or self._energy_ev()
+        distance = options["distance_mm"] * 1e-3 if options.get("distance_mm") else self._distance()
+        if self.frame_shape in (CSPAD_MODULES, CSPAD_SLAB) and not (energy and distance):
+            # a CSPAD file without its beamline numbers: assume cxi25410's, and say so
+            logging.getLogger(__name__).warning(
+                "%s: no %s in the file; assuming the cxi25410 values (use --energy-ev / "
+                "--distance-mm to set them)", self.path,
+                " or ".join(k for k, v in (("photon energy", energy), ("distance", distance))
+                            if not v))
+            energy, distance = energy or 9370.0, distance or 0.139
         if self.frame_shape == CSPAD_MODULES:
             return geom.cspad(distance=distance, energy_ev=energy, layout="modules")
         if self.frame_shape == CSPAD_SLAB:
             return geom.cspad(distance=distance, energy_ev=energy, layout="slab")
-        base = {"distance": self._distance(), "energy_ev": self._energy_ev()}
-        return geometry_from_options(self.frame_shape, options, self.path, base)
+        return geometry_from_options(self.frame_shape, options, self.path, self._base(options))
+
+    def _base(self, options):
+        """The file's distance and energy where no flag replaces them (for the flag geometry)."""
+        return {"distance": None if options.get("distance_mm") else self._distance(),
+                "energy_ev": None if options.get("energy_ev") else self._energy_ev()}
 
     def read(self, start, stop):
-        data = read_rows(self._dset, start, stop, self.where(start))
+        data = super().read(start, stop)
         return asics_to_modules(data) if self._asics else data
-
-    def close(self):
-        try:
-            self._f.close()
-        except Exception:  # already closed
-            pass

@@ -11,53 +11,53 @@ A master file ``*_master.h5`` holds the metadata and links to the frames::
 Data files are usually compressed with bitshuffle-LZ4 (HDF5 filter 32008), LZ4 (32004) or
 Blosc (32001); ``hdf5plugin`` is imported before any read so these filters are available.
 Every length honors its ``units`` attribute (m, mm, um, nm, angstrom; NXmx default m for
-lengths, angstrom for the wavelength); beam centres are in pixels unless their ``units`` is a
-length. ``pixel_mask`` follows NXmx: 0 = good pixel. The frames of all links form one
-sequence in link-name order; event numbers run 0..N-1 over it.
+lengths, angstrom for the wavelength); without a wavelength the photon energy is
+``/entry/instrument/beam/incident_energy`` (eV, keV, MeV or J; default eV). Beam centres are
+in pixels unless their ``units`` is a length. ``pixel_mask`` follows NXmx: 0 = good pixel.
+The frames of all links form one sequence in link-name order; event numbers run 0..N-1 over
+it; ``read`` clips ``stop`` to the number of frames, as the other readers do.
 """
 import os
 
 import numpy as np
 
 from ...errors import InputError
-from . import (FrameSource, apply_mask, check_frames_dataset, geometry_from_options, load_mask,
-               open_h5, read_rows)
+from . import (HDF5Source, apply_mask, check_frames_dataset, first_value, geometry_from_options,
+               load_mask, read_rows, units_of)
 
 HC_EV_ANGSTROM = 12398.419843320026
 _LENGTH = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "cm": 1e-2, "mm": 1e-3,
            "millimeter": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "microns": 1e-6,
            "micrometer": 1e-6, "nm": 1e-9, "nanometer": 1e-9, "angstrom": 1e-10, "a": 1e-10,
            "å": 1e-10, "ang": 1e-10}
+_ENERGY = {"ev": 1.0, "kev": 1e3, "mev": 1e6, "j": 1.0 / 1.602176634e-19}
 
 
 def to_metres(dset, default="m", where=None):
     """Value of a scalar dataset in metres, honoring its ``units`` attribute."""
-    value = float(np.asarray(dset[()]).reshape(-1)[0])
-    units = dset.attrs.get("units", default)
-    if isinstance(units, bytes):
-        units = units.decode()
-    units = str(np.asarray(units).reshape(-1)[0] if not isinstance(units, str) else units)
+    value = first_value(dset)
+    units = units_of(dset, default)
     factor = _LENGTH.get(units.strip().lower())
     if factor is None:
         raise InputError(f"unknown length units {units!r}", where)
     return value * factor
 
 
-class NexusSource(FrameSource):
+def to_ev(dset, default="eV", where=None):
+    """Value of a scalar photon-energy dataset in eV, honoring its ``units`` attribute."""
+    units = units_of(dset, default)
+    factor = _ENERGY.get(units.strip().lower())
+    if factor is None:
+        raise InputError(f"unknown energy units {units!r}", where)
+    return first_value(dset) * factor
+
+
+class NexusSource(HDF5Source):
     """Frames of an NXmx master file and its linked data files."""
 
     reader = "nexus"
 
-    def __init__(self, path, name=None, dataset=None, mask=None, classes=None, **options):
-        super().__init__(path, name)
-        self._f = open_h5(self.path)
-        try:
-            self._open(dataset, mask, options)
-        except BaseException:
-            self._f.close()
-            raise
-
-    def _open(self, dataset, mask_path, options):
+    def _open(self, dataset=None, mask=None, classes=None, **options):
         import h5py
 
         f = self._f
@@ -90,14 +90,10 @@ class NexusSource(FrameSource):
                                  f"file's {self._parts[0][1].shape[1:]}", where)
             self._parts.append((offset, dset, where))
             offset += int(dset.shape[0])
-        self.n_frames = offset
-        self.frame_shape = tuple(self._parts[0][1].shape[1:])
-        self.dtype = self._parts[0][1].dtype
-        self.events = np.arange(self.n_frames, dtype=np.int64)
-        self.geometry = self._geometry(options)
-        self.geometry = apply_mask(self.geometry, load_mask(mask_path, self.frame_shape))
+        self._use_frames(self._parts[0][1], n_frames=offset)
+        self.geometry = self._geometry(options, mask)
 
-    def _geometry(self, options):
+    def _geometry(self, options, mask_path):
         f = self._f
         det = f["entry/instrument/detector"] if "entry/instrument/detector" in f else None
         base = {}
@@ -125,6 +121,12 @@ class NexusSource(FrameSource):
                 if wl > 0:
                     base["energy_ev"] = HC_EV_ANGSTROM / wl
                 break
+        else:
+            p = "entry/instrument/beam/incident_energy"
+            if p in f:
+                e = to_ev(f[p], "eV", f"{self.path}:/{p}")
+                if e > 0:
+                    base["energy_ev"] = e
         g = geometry_from_options(self.frame_shape, options, self.path, base)
         if g is not None:
             pm = None
@@ -137,19 +139,19 @@ class NexusSource(FrameSource):
                     raise InputError(f"pixel_mask shape {pm.shape} does not match frame shape "
                                      f"{tuple(self.frame_shape)}", where)
                 g = apply_mask(g, pm == 0)
-        return g
+        return apply_mask(g, load_mask(mask_path, self.frame_shape))
 
     @staticmethod
     def _center(dset, pixel_size, where):
-        units = dset.attrs.get("units", "pixel")
-        units = units.decode() if isinstance(units, bytes) else str(units)
-        if units.strip().lower() in ("pixel", "pixels", "px", ""):
-            return float(np.asarray(dset[()]).reshape(-1)[0])
+        if units_of(dset, "pixel").strip().lower() in ("pixel", "pixels", "px", ""):
+            return first_value(dset)
         if not pixel_size:
             raise InputError("beam centre given as a length but no pixel size", where)
         return to_metres(dset, "m", where) / pixel_size
 
     def read(self, start, stop):
+        start, stop = max(start, 0), min(stop, self.n_frames)
+        stop = max(start, stop)
         out = np.empty((stop - start,) + self.frame_shape, self.dtype)
         for offset, dset, where in self._parts:
             lo, hi = max(start, offset), min(stop, offset + dset.shape[0])
@@ -157,9 +159,3 @@ class NexusSource(FrameSource):
                 out[lo - start:hi - start] = read_rows(dset, lo - offset, hi - offset,
                                                        f"{where} frame {lo - offset}")
         return out
-
-    def close(self):
-        try:
-            self._f.close()
-        except Exception:  # already closed
-            pass

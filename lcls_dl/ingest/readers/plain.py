@@ -9,8 +9,7 @@ naming them). Frames are ``(N, ss, fs)``. The geometry comes from ``pixel_size_u
 import numpy as np
 
 from ...errors import InputError
-from . import (FrameSource, _datasets, apply_mask, check_frames_dataset, geometry_from_options,
-               load_mask, open_h5, read_rows)
+from . import HDF5Source, _datasets, check_frames_dataset
 
 
 def find_frames_dataset(f, path, dataset=None):
@@ -30,39 +29,24 @@ def find_frames_dataset(f, path, dataset=None):
     best = max(sizes)
     top = [p for (p, _), s in zip(cands, sizes) if s == best]
     if len(top) > 1:
-        raise InputError(f"several 3-D datasets could hold the frames ({', '.join('/' + p for p in top)});"
-                         " choose one with --dataset", path)
+        names = ", ".join("/" + p for p in top)
+        raise InputError(f"several 3-D datasets could hold the frames ({names}); "
+                         "choose one with --dataset", path)
     return top[0]
 
 
-class PlainSource(FrameSource):
+class PlainSource(HDF5Source):
     """Frames of a plain HDF5 file (see module docstring)."""
 
     reader = "plain"
 
-    def __init__(self, path, name=None, dataset=None, mask=None, classes=None,
-                 label_dataset=None, **options):
-        super().__init__(path, name)
-        self._f = open_h5(self.path)
-        try:
-            key = find_frames_dataset(self._f, self.path, dataset)
-            self._dset = self._f[key]
-            check_frames_dataset(self._dset, f"{self.path}:/{key}", ndim=(3,))
-            self.n_frames = int(self._dset.shape[0])
-            self.frame_shape = tuple(self._dset.shape[1:])
-            self.dtype = self._dset.dtype
-            self.events = np.arange(self.n_frames, dtype=np.int64)
-            self.geometry = geometry_from_options(self.frame_shape, options, self.path)
-            self.geometry = apply_mask(self.geometry, load_mask(mask, self.frame_shape))
-        except BaseException:
-            self._f.close()
-            raise
+    def _open(self, dataset=None, mask=None, classes=None, label_dataset=None, **options):
+        self._open_frames(dataset)
+        self.geometry = self._flag_geometry(options, mask)
 
-    def read(self, start, stop):
-        return read_rows(self._dset, start, stop, self.where(start))
-
-    def close(self):
-        try:
-            self._f.close()
-        except Exception:  # already closed
-            pass
+    def _open_frames(self, dataset):
+        """Find (:func:`find_frames_dataset`), check and use the 3-D frames dataset."""
+        key = find_frames_dataset(self._f, self.path, dataset)
+        check_frames_dataset(self._f[key], f"{self.path}:/{key}", ndim=(3,))
+        self._use_frames(self._f[key])
+        return key
