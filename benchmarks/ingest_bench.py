@@ -204,11 +204,11 @@ def bench_preprocess(n_frames=50, seed=0):
 E2E_FRAMES = 480
 
 
-def bench_ingest(n_frames=None, seed=0):
+def bench_ingest(n_frames=None, seed=0, e2e_frames=E2E_FRAMES):
     """Part c: rows for ``lcls-dl ingest --np 1`` and ``--np 2`` on a simulated CSPAD run."""
     from ingest_e2e_bench import bench_ingest_e2e  # a sibling script in benchmarks/
 
-    res = bench_ingest_e2e(E2E_FRAMES, nps=(1, 2), seed=seed, repeat=2)
+    res = bench_ingest_e2e(e2e_frames, nps=(1, 2), seed=seed, repeat=2)
     rows = []
     base = res["results"][0]
     for r in res["results"]:
@@ -245,8 +245,6 @@ def main(argv=None):
                     help=f"frames of the simulated run for part c (default {E2E_FRAMES})")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    global E2E_FRAMES
-    E2E_FRAMES = args.e2e_frames
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -257,7 +255,8 @@ def main(argv=None):
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, frames={args.frames}")
     rows = []
     for p in parts:
-        rows += PARTS[p](args.frames, args.seed)
+        extra = {"e2e_frames": args.e2e_frames} if p == "c" else {}
+        rows += PARTS[p](args.frames, args.seed, **extra)
     print(format_table(rows))
     return rows
 

@@ -8,7 +8,8 @@ water/ice shots, ingests both, trains ``cnn+dnn``, ``cnn`` and ``dnn`` on the fi
 - time-to-97%: training wall clock (seconds since the training loop started, excluding the
   benchmark's own per-epoch evaluation of the held-out run) at the end of the first epoch
   whose held-out accuracy is >= 97%;
-- where the residual errors are: error rate by ice_strength / hit_strength from truth.csv.
+- where the residual errors are: error rate by ice_strength / hit_strength and, where
+  truth.csv has it, by ``max_spot_snr`` (visibility of the brightest spot) from truth.csv.
 
 The machine's cores may be shared with other work: timings are wall clock, so say so.
 
@@ -79,6 +80,13 @@ def error_breakdown(ids, y, pred, classes, truth):
                 {"range": [float(lo), float(hi)],
                  "frames": int(((s >= lo) & (s <= hi)).sum()),
                  "errors": int(wrong[sel][(s >= lo) & (s <= hi)].sum())}
+                for lo, hi in zip(edges[:-1], edges[1:])]
+        if sel.size and rows[sel[0]].get("max_spot_snr") not in (None, ""):
+            v = np.array([float(rows[i].get("max_spot_snr") or 0) for i in sel])
+            edges = [0, 2, 3, 5, 10, 30, np.inf]  # peak visibility of the brightest spot
+            out["ice_by_max_spot_snr"] = [
+                {"range": [float(lo), float(hi)], "frames": int(((v >= lo) & (v < hi)).sum()),
+                 "errors": int(wrong[sel][(v >= lo) & (v < hi)].sum())}
                 for lo, hi in zip(edges[:-1], edges[1:])]
     h = np.array([float(r.get("hit_strength") or 0) for r in rows])
     edges = np.quantile(h, [0, 0.25, 0.5, 0.75, 1.0])

@@ -113,8 +113,11 @@ def test_intensity_transform_is_scale_invariant(backend):
     frame = water_frame(q, rng)
     pre = FramePreprocessor(q, phi, None, params(), kernels=backend)
     weak, strong = pre(frame), pre(frame * 50)
-    np.testing.assert_allclose(strong["image"], weak["image"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(strong["image"][..., 0], weak["image"][..., 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(strong["profile"], weak["profile"], rtol=1e-5, atol=1e-6)
+    # the max-SNR channel is not normalized away: 50x the photons is a more significant excess
+    hi = weak["image"][..., 1] > 1.0
+    assert hi.any() and np.all(strong["image"][..., 1][hi] > weak["image"][..., 1][hi])
     i = list(SCALAR_NAMES).index("log10_mean_photons")
     assert strong["scalars"][i] - weak["scalars"][i] == pytest.approx(np.log10(50), abs=0.01)
 
@@ -258,19 +261,21 @@ def test_max_snr_channel_keeps_a_spot_the_mean_washes_out(backend):
     pre = FramePreprocessor(q, phi, None, p, kernels=backend)
     ring = water_frame(q, rng, scale=20.0)
     spot = ring.copy()
-    spot[80:83, 90:93] += 30  # 9 px spot, ~5 sigma of the ring's Poisson noise per pixel
+    spot[80:83, 90:93] += 60  # 9 px spot, ~10 sigma of the ring's Poisson noise per pixel
     a, b = pre(ring), pre(spot)
     k = pre.image_bin[81, 91]
     r, c = divmod(int(k), 32)
     mean_gain = b["image"][r, c, 0] - a["image"][r, c, 0]
-    assert mean_gain < 0.25 * 30  # averaged over the bin's pixels
-    assert b["image"][r, c, 1] > a["image"][r, c, 1] + 3  # the spot's best pixel survives
+    assert mean_gain < 0.25 * 60  # averaged over the bin's pixels
+    assert b["image"][r, c, 1] > a["image"][r, c, 1] + 1.5  # the spot's best pixel survives
     assert b["image"][r, c, 1] == b["image"][..., 1].max()
     # SNR channel is ~(v - mean_q) / sigma_q: check it against the profile-bin statistics
     pb = pre.profile_bin
-    sel = pb == pb[81, 91]
-    v = spot[sel]
-    expect = (spot[80:83, 90:93].max() - v.mean()) / v.std()
+    expect = -np.inf
+    for y, xx in np.ndindex(3, 3):  # each spot pixel against its own q bin
+        v = spot[pb == pb[80 + y, 90 + xx]]
+        x = spot[80 + y, 90 + xx] - v.mean()
+        expect = max(expect, x / np.sqrt(v.var() + x + p.snr_sigma_floor ** 2))
     assert b["image"][r, c, 1] == pytest.approx(expect, rel=1e-4)
     sa, sb = (dict(zip(pre.scalar_names, x["scalars"])) for x in (a, b))
     assert sb["log10_max_snr"] == pytest.approx(np.log10(1 + expect), rel=1e-4)

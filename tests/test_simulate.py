@@ -307,3 +307,35 @@ def test_params_round_trip():
     p = SimParams(seed=3, temperature=223.0)
     q = SimParams(**p.to_dict())
     assert dataclasses.asdict(q) == dataclasses.asdict(p)
+
+
+def test_balanced_mode_water_temperature_is_no_class_proxy():
+    params = SimParams(mix={"water": 0.5, "ice": 0.5, "miss": 0.0})
+    shots = [draw_shot(params, np.random.default_rng([5, i])) for i in range(2000)]
+    water = np.array([s["temperature_k"] for s in shots if s["label"] == "water"])
+    ice = np.array([s["temperature_k"] for s in shots if s["label"] == "ice"])
+    assert np.all((ice >= 220.0) & (ice <= 224.0))
+    cold = (water >= 220.0) & (water <= 224.0)
+    assert cold.mean() == pytest.approx(0.5, abs=0.05)  # half the water is as cold as ice
+    assert water[~cold].min() >= 224.0 and water.max() <= 270.0
+    assert min(s["ice_strength"] for s in shots if s["label"] == "ice") >= 20.0
+    no_cold = SimParams(mix={"water": 1.0}, cold_water_fraction=0.0)
+    t = [draw_shot(no_cold, np.random.default_rng([6, i]))["temperature_k"] for i in range(200)]
+    assert min(t) >= 224.0
+    with pytest.raises(InputError):
+        SimParams(cold_water_fraction=1.5)
+    with pytest.raises(InputError):
+        SimParams(min_spot_snr=-1.0)
+
+
+def test_ice_shots_record_at_least_one_spot():
+    # a small detector (q <= ~2.4 1/A): most ice lines fall off it
+    params = SimParams(seed=9)
+    sim = Simulator(G.flat((160, 160), 0.7e-3, 0.139, 9370.0), params)
+    for i in range(12):  # one crystallite: its 1-3 reflections often miss the detector
+        shot = _shot(params, "ice", seed=i, n_crystallites=1, ice_strength=50.0, ice_type="ih",
+                     hit_strength=5.0)
+        _, _, truth = sim.photons(np.random.default_rng([9, i]), shot)
+        assert truth["n_spots"] >= 1 and truth["max_spot_snr"] >= params.min_spot_snr
+    _, _, water = sim.photons(np.random.default_rng([9, 99]), _shot(params, "water"))
+    assert water["n_spots"] == 0 and water["max_spot_snr"] == 0

@@ -54,7 +54,7 @@ def iter_raw_batches(paths, meta, reader_options):
     for item in iter_preprocessed(list(paths), meta.get("preprocessing") or {},
                                   **reader_options):
         item = dict(item)
-        if np.ndim(item["image"]) == 2:  # a single frame
+        if np.ndim(item["profile"]) == 1:  # a single frame (image (H, W) or (H, W, C))
             item = {k: (np.asarray(v)[None] if k in ("image", "profile", "scalars")
                         else np.asarray([v])) for k, v in item.items()}
         yield item

@@ -62,7 +62,7 @@ def _temperature(text):
               help="Fraction of shots that hit a droplet (realistic mode).")
 @click.option("--hit-strength", default="1,100", show_default=True,
               help="S1 ring peak photons/pixel range LO,HI (log-uniform).")
-@click.option("--ice-strength", default="10,3000", show_default=True,
+@click.option("--ice-strength", default="20,3000", show_default=True,
               help="Peak photons of an ice 100 spot, range LO,HI (log-uniform).")
 @click.option("--crystallites", default="1,40", show_default=True,
               help="Crystallites per ice shot, range LO,HI.")

@@ -44,7 +44,8 @@ def training_options(f):
                      type=click.FloatRange(0, 1, max_open=True),
                      help="Held-out test split, recorded in model.json."),
         click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True),
-                     help="Peak learning rate (warmup 1 epoch, cosine decay)."),
+                     help="Peak learning rate for one --batch-size; scaled by the ranks "
+                          "(warmup 1 epoch, cosine decay)."),
         click.option("--patience", default=6, show_default=True, type=click.IntRange(0),
                      help="Early stopping patience in epochs (0: off)."),
         click.option("--no-augment", is_flag=True, help="Turn physics augmentations off."),

@@ -27,6 +27,13 @@ the last ``keep`` epochs are kept) hold every model variable (weights, normaliza
 constants, RNG state), every optimizer variable (iteration count, moments), the epoch,
 history, early-stopping state and the configuration hash; a resume with a different
 configuration is refused naming the key that differs.
+
+Stops and failures (docs/fault_tolerance.md): with a ``StopRequest`` (SIGTERM/SIGUSR1)
+all ranks stop after the same step and the root writes ``epoch-NNNN-step-SSSSSS.npz``;
+``resume=True`` continues mid-epoch with the same weights, bitwise, as an uninterrupted
+run. Under a :class:`lcls_dl.distributed.ulfm.FaultTolerantWorld` dead ranks raise
+``WorldShrunk`` in a collective; the survivors re-sync from the new root, re-partition and
+redo the step.
 """
 import csv
 import dataclasses
@@ -669,7 +676,8 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                     state["step"] += 1
                     bar.update(1)
                     if recovering is not None:
-                        rec = dict(recovering, first_step_s=time.perf_counter() - recovering.pop("_t"),
+                        t_detect = recovering.pop("_t")
+                        rec = dict(recovering, first_step_s=time.perf_counter() - t_detect,
                                    size=world.size)
                         recoveries.append(rec)
                         log.warning("recovered from lost rank(s) %s: world size now %d; %.3f s "

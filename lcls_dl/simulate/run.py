@@ -36,6 +36,8 @@ TRUTH_COLUMNS = ("file", "event", "label", "temperature_k", "hit_strength", "n_c
                  "ice_strength", "s1_q", "s2_q", "ice_type", "n_spots", "max_spot_snr",
                  "air_level", "frame_index")
 Q_STEP = 0.002
+#: Ice shots redraw crystallite orientations until a spot lands on the detector (at most).
+MAX_SPOT_DRAWS = 50
 
 
 @dataclasses.dataclass
@@ -60,13 +62,18 @@ class SimParams:
     hit_strength : (lo, hi)
         S1 ring peak, photons per pixel (before polarization / solid angle), log-uniform.
     ice_strength : (lo, hi)
-        Peak photons of an ice Ih 100 Bragg spot, log-uniform. The default low end (10)
+        Peak photons of an ice Ih 100 Bragg spot, log-uniform. The default low end (20)
         puts the weakest spots at the edge of detectability: on the strongest water rings
-        (~100 photons/pixel, Poisson sigma ~10) a 10-photon spot is ~1 sigma per pixel and
-        ~2-3 sigma summed over its pixels (ambiguous ice); on a median ring (~10
-        photons/pixel) it is clearly visible.
+        (~100 photons/pixel, Poisson sigma ~10) a 20-photon spot is ~2 sigma per pixel and
+        ~4-5 sigma summed over its pixels (ambiguous ice); on a median ring (~10
+        photons/pixel) it is clearly visible. Weaker reflections (|F|^2 < 1) and low
+        partiality still make a few percent of ice shots nearly invisible.
     cold_water_fraction : float
         Balanced mode: share of water shots drawn at the ice temperatures (220-224 K).
+    min_spot_snr : float
+        An ice shot records at least one spot whose peak visibility (``max_spot_snr`` in
+        truth.csv) is at least this; crystallite orientations are redrawn (up to
+        ``MAX_SPOT_DRAWS`` times) otherwise. 0: at least one spot on the detector.
     crystallites : (lo, hi)
         Crystallites per ice shot, log-uniform integer.
     sd_fraction : float
@@ -85,10 +92,11 @@ class SimParams:
                                                            "miss": 0.10})
     hit_rate: float = 0.05
     hit_strength: tuple = (1.0, 100.0)
-    ice_strength: tuple = (10.0, 3000.0)
+    ice_strength: tuple = (20.0, 3000.0)
     crystallites: tuple = (1, 40)
     sd_fraction: float = 0.3
     cold_water_fraction: float = 0.5
+    min_spot_snr: float = 2.0
     air: tuple = (0.005, 0.05)
     response: DetectorResponse = dataclasses.field(default_factory=DetectorResponse)
 
@@ -110,6 +118,9 @@ class SimParams:
         if not 0.0 <= self.cold_water_fraction <= 1.0:
             raise InputError(f"cold water fraction must be in [0, 1], got "
                              f"{self.cold_water_fraction}", "cold_water_fraction")
+        if not self.min_spot_snr >= 0.0:
+            raise InputError(f"min spot snr must be >= 0, got {self.min_spot_snr}",
+                             "min_spot_snr")
         if not 0.0 <= self.hit_rate <= 1.0:
             raise InputError(f"hit rate must be in [0, 1], got {self.hit_rate}", "--hit-rate")
         if self.temperature is not None and not 150.0 <= float(self.temperature) <= 320.0:
@@ -128,6 +139,15 @@ class SimParams:
 
 def _log_uniform(rng, lo, hi):
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def _visibility(expected, placed):
+    """Expected photons of a spot over the Poisson noise of what lies under it, at the spot's
+    brightest pixel: ``peak / sqrt(background + 1)`` (``placed`` from ``render_spot``)."""
+    index, patch = placed
+    k = np.unravel_index(int(np.argmax(patch)), patch.shape)
+    under = float(expected[index][k])
+    return float(patch[k]) / math.sqrt(max(under, 0.0) + 1.0)
 
 
 def draw_shot(params, rng):
@@ -224,18 +244,23 @@ class Simulator:
         photons = sample_photons(expected, rng)
         n_spots, best_snr = 0, 0.0
         if shot["label"] == "ice":
-            spots = physics.draw_ice_spots(rng, shot["n_crystallites"], shot["ice_strength"],
-                                           kind=shot["ice_type"])
-            for spot in spots:
-                placed = physics.render_spot(self.geometry, spot, self.scale)
+            # An ice shot is one whose detector records at least one reflection at a peak
+            # visibility >= min_spot_snr: orientations whose spots all miss the detector
+            # (gaps, outside the q range) or are far below the noise would be water frames
+            # labeled ice, which no image supports (a labeler calls them water). Redraw them.
+            for _ in range(MAX_SPOT_DRAWS):
+                spots = physics.draw_ice_spots(rng, shot["n_crystallites"],
+                                               shot["ice_strength"], kind=shot["ice_type"])
+                placed_spots = [physics.render_spot(self.geometry, spot, self.scale)
+                                for spot in spots]
+                vis = [_visibility(expected, pl) for pl in placed_spots if pl is not None]
+                if vis and max(vis) >= self.params.min_spot_snr:
+                    break
+            for placed in placed_spots:
                 if placed is None:
                     continue
                 index, patch = placed
-                # visibility: expected spot photons over the Poisson noise of what is under
-                # it, at the spot's brightest pixel (before other spots are added)
-                k = np.unravel_index(int(np.argmax(patch)), patch.shape)
-                under = float(expected[index][k])
-                best_snr = max(best_snr, float(patch[k]) / math.sqrt(max(under, 0.0) + 1.0))
+                best_snr = max(best_snr, _visibility(expected, placed))
                 photons[index] += rng.poisson(patch).astype(np.int32)
                 expected[index] += patch.astype(np.float32)
                 n_spots += 1

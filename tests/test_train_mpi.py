@@ -1,0 +1,110 @@
+"""``lcls-dl train --np N``: real ranks through the launcher, same model as one process.
+
+Each rank writes a SHA-256 of its final weights (``LCLS_DL_DEBUG_WEIGHTS=DIR``), so the
+tests check that all ranks end bitwise identical; a SIGTERM to the launcher is relayed to
+the ranks (as SIGUSR1), they checkpoint after the same step and a ``--resume`` gives the
+same weights, bitwise, as the uninterrupted run.
+"""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_fault_tolerance import MPIEXEC, digests, env_with, make_data, model_json, run, train_args
+
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
+                                                  reason="no mpiexec")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("mpi"))
+
+
+def _run_np(data, out, np_, dbg, timeout=120, **env):
+    dbg.mkdir(exist_ok=True)
+    extra = ["--np", str(np_)] if np_ > 1 else []
+    proc = run(train_args(data, out, extra=extra), out.parent, timeout=timeout,
+               LCLS_DL_DEBUG_WEIGHTS=dbg, **env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc, model_json(out), digests(dbg)
+
+
+@pytest.fixture(scope="module")
+def np1(data):
+    return _run_np(data, data["root"] / "np1", 1, data["root"] / "dbg_np1")
+
+
+@pytest.fixture(scope="module")
+def np2(data):
+    return _run_np(data, data["root"] / "np2", 2, data["root"] / "dbg_np2")
+
+
+def _val_accuracy(meta):
+    return meta["metrics"]["val"]["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_np2_ranks_bitwise_identical_and_as_accurate_as_np1(np1, np2):
+    proc, meta, dig = np2
+    tr = meta["training"]
+    assert tr["world_size"] == 2 and tr["global_batch_size"] == 8
+    assert tr["lr_scaling"]["rule"] == "linear"
+    assert tr["lr_scaling"]["peak_lr"] == pytest.approx(2 * 0.01)
+    assert np1[1]["training"]["lr_scaling"]["peak_lr"] == pytest.approx(0.01)
+    assert sorted(dig) == [0, 1] and dig[0] == dig[1]
+    assert abs(_val_accuracy(meta) - _val_accuracy(np1[1])) <= 0.05   # one frame of 20
+    assert _val_accuracy(meta) >= 0.9                                  # it learned
+    # only rank 0 reports
+    written = [ln for ln in proc.stdout.splitlines() if "model written to" in ln]
+    assert len(written) == 1 and written[0].startswith("[1,0]")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_np4_oversubscribed(data, np1, tmp_path):
+    proc, meta, dig = _run_np(data, tmp_path / "np4", 4, tmp_path / "dbg", timeout=180)
+    assert meta["training"]["world_size"] == 4 and meta["training"]["global_batch_size"] == 16
+    assert sorted(dig) == [0, 1, 2, 3] and len(set(dig.values())) == 1
+    assert abs(_val_accuracy(meta) - _val_accuracy(np1[1])) <= 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigterm_to_launcher_checkpoints_and_resume_is_bitwise(data, np2, tmp_path):
+    out, dbg = tmp_path / "m", tmp_path / "dbg"
+    dbg.mkdir()
+    cmd = [sys.executable, "-m", "lcls_dl", *train_args(data, out, extra=["--np", "2"])]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env_with(LCLS_DL_TEST_STEP_SLEEP="0.25"))
+    try:
+        t0 = time.time()
+        while not (out / "checkpoints" / "epoch-0001.npz").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() - t0 < 90, "no epoch finished"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)      # what a scheduler sends at the time limit
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (stdout + stderr)[-3000:]
+    assert not (out / "model.json").exists()
+    (line,) = [ln for ln in stdout.splitlines() if "resume with: " in ln]
+    assert line.startswith("[1,0]")
+    resume = shlex.split(line.split("resume with: ", 1)[1])
+    assert resume[:2] == ["lcls-dl", "train"] and "--np" in resume and resume[-1] == "--resume"
+    mid = [n for n in os.listdir(out / "checkpoints") if "-step-" in n]
+    assert len(mid) == 1, os.listdir(out / "checkpoints")
+    assert "by SIGUSR1" in stdout                  # relayed by the launcher
+    again = run(resume[1:], tmp_path, timeout=120, LCLS_DL_DEBUG_WEIGHTS=dbg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    meta = model_json(out)
+    assert meta["training"]["resumed"] and meta["training"]["epochs_run"] == 5
+    assert digests(dbg) == np2[2]                  # same weights as never interrupted
