@@ -228,7 +228,7 @@ def test_batch_matches_single_frames_and_bin_maps():
 
 @pytest.mark.parametrize("method", ["histogram", "csr"])
 def test_profile_matches_pyfai_integrate1d(method):
-    pyFAI = pytest.importorskip("pyFAI")
+    pytest.importorskip("pyFAI")
     from pyFAI.detectors import Detector
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 

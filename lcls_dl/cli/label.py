@@ -39,7 +39,9 @@ def import_(dataset_dir, csv_file, who, source, allow_new_class):
       lcls-dl label import data1 next_labeled.csv --who jdoe
     """
     from ..active.label_store import LabelStore
+    from ..dataset import load_manifest
 
+    load_manifest(dataset_dir)  # a typo must not create a stray labels.jsonl
     n = LabelStore(dataset_dir).import_csv(csv_file, who=who, source=source,
                                            allow_new_class=allow_new_class)
     click.echo(f"imported {n} label(s) into {dataset_dir}")
@@ -59,7 +61,9 @@ def set_(dataset_dir, sample_id, label_name, who, allow_new_class):
       lcls-dl label set data1 run0001.cxi:17 ice
     """
     from ..active.label_store import LabelStore
+    from ..dataset import load_manifest
 
+    load_manifest(dataset_dir)  # a typo must not create a stray labels.jsonl
     value = None if label_name.lower() in ("none", "null", "-") else label_name
     LabelStore(dataset_dir).set([sample_id], [value], who=who, source="human",
                                 allow_new_class=allow_new_class)

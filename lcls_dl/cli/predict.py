@@ -129,6 +129,41 @@ def run_fractions(files, pred, classes):
     return out
 
 
+def parse_reader_options(items):
+    """``KEY=VALUE`` strings -> reader options, typed as ``lcls-dl ingest``'s flags are.
+
+    Examples
+    --------
+    >>> parse_reader_options(["distance_mm=120", "beam_center=10,20.5"])
+    {'distance_mm': 120.0, 'beam_center': (10.0, 20.5)}
+    """
+    from ..errors import InputError
+    from ..ingest.readers import READER_OPTIONS
+
+    opts = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--reader-option must be KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        if k not in READER_OPTIONS:
+            raise InputError(f"unknown reader option {k!r} (one of {', '.join(READER_OPTIONS)})",
+                             "--reader-option")
+        try:
+            if k in ("pixel_size_um", "distance_mm", "energy_ev"):
+                v = float(v)
+            elif k == "beam_center":
+                v = tuple(float(x) for x in v.split(","))
+                if len(v) != 2:
+                    raise ValueError(v)
+            elif k == "classes":
+                v = [c.strip() for c in v.split(",") if c.strip()]
+        except ValueError:
+            raise InputError(f"bad value for reader option {k}: {item!r} (a number; "
+                             "beam_center as SS,FS)", "--reader-option") from None
+        opts[k] = v
+    return opts
+
+
 @click.command("predict")
 @click.argument("model_dir", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
@@ -150,12 +185,7 @@ def predict(model_dir, inputs, out_path, reader_options):
     from ..errors import InputError
     from ..models.model_dir import load_model_dir
 
-    opts = {}
-    for item in reader_options:
-        if "=" not in item:
-            raise InputError(f"--reader-option must be KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        opts[k] = v
+    opts = parse_reader_options(reader_options)
     for p in inputs:
         if not os.path.exists(p):
             raise InputError("input not found", p)

@@ -33,6 +33,7 @@ def run(np_, hostfile, mpiexec_args, script, script_args):
       lcls-dl run --np 8 --hostfile hosts.txt train_mine.py
     """
     from ..distributed.launcher import maybe_launch
+    from .common import verbosity_argv
 
     if not os.path.isfile(script):
         raise InputError("script not found", script)
@@ -40,7 +41,7 @@ def run(np_, hostfile, mpiexec_args, script, script_args):
     if hostfile:
         argv += ["--hostfile", os.path.abspath(hostfile)]
     argv += [os.path.abspath(script), *script_args]
-    code = maybe_launch(argv, np_, hostfile=hostfile,
+    code = maybe_launch(verbosity_argv() + argv, np_, hostfile=hostfile,
                         mpiexec_args=tuple(shlex.split(mpiexec_args or "")))
     if code is not None:
         return code

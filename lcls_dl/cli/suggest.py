@@ -50,6 +50,7 @@ def suggest_labels(model_dir, dataset_dir, budget, strategy, mc_passes, ensemble
       lcls-dl label import data1 next_labeled.csv      # then train again
     """
     from ..distributed.launcher import maybe_launch
+    from .common import verbosity_argv
 
     if np_ > 1:
         argv = ["suggest-labels", os.path.abspath(model_dir), os.path.abspath(dataset_dir),
@@ -65,7 +66,7 @@ def suggest_labels(model_dir, dataset_dir, budget, strategy, mc_passes, ensemble
             argv += ["--previous", os.path.abspath(previous)]
         if no_contact_sheet:
             argv.append("--no-contact-sheet")
-        code = maybe_launch(argv, np_)
+        code = maybe_launch(verbosity_argv() + argv, np_)
         if code is not None:
             return code
     from ..active.mpi_scoring import get_world

@@ -166,7 +166,9 @@ def _average_gradients(grads):
     np_dtypes = [d.as_numpy_dtype for d in dtypes]
 
     def _mpi_average(*arrays):
-        averaged = w.allreduce_mean(list(arrays))
+        # own copies: the averager may reduce in place, and its plan must not depend on
+        # whether TensorFlow handed this rank writable or read-only memory
+        averaged = w.allreduce_mean([np.array(a) for a in arrays])
         # copies: TF may keep the returned memory, and the averager reuses its buffer
         return [np.array(a, dtype=d, copy=True) for a, d in zip(averaged, np_dtypes)]
 

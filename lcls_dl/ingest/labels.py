@@ -38,7 +38,7 @@ def read_labels_csv(path):
     if not os.path.isfile(path):
         raise InputError("labels file not found", path)
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's BOM
             reader = csv.DictReader(fh)
             fields = [f.strip() for f in (reader.fieldnames or [])]
             reader.fieldnames = fields

@@ -688,7 +688,7 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
             if plan["todo"] or not plan["n_frames"]:
                 pres = _Preprocessors(plan["params"])
                 plan["shapes"], plan["scalar_names"] = _shapes(plan, pres)
-        except LclsError as exc:
+        except Exception as exc:  # any failure: the other ranks must not wait in the barrier
             error = exc
     if comm is not None:
         idle_barrier(comm)
@@ -775,13 +775,21 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
                 raise first_error
             raise LclsError(errors[0][0])
         raise PeerError(errors[0][0])
-    manifest = None
+    manifest, finish_error = None, None
     log.debug("rank %d: shards done after %.2f s", rank, time.perf_counter() - t_start)
     if rank == 0:
-        manifest = _finish(plan, summaries, command)
+        try:
+            manifest = _finish(plan, summaries, command)
+        except Exception as exc:  # reported by rank 0 below; the others must not hang
+            finish_error = exc
     if comm is not None:
         idle_barrier(comm)
-        manifest = comm.bcast(manifest, root=0)
+        manifest, error_msg = comm.bcast(
+            (manifest, None if finish_error is None else str(finish_error)), root=0)
+        if rank != 0 and error_msg is not None:
+            raise PeerError(error_msg)
+    if finish_error is not None:
+        raise finish_error
     return manifest
 
 

@@ -291,6 +291,13 @@ def _prune(out_dir, keep):
             pass
 
 
+def _broadcast_variables(world, variables):
+    """Give every rank the root's values of ``variables`` (Keras variables), in place."""
+    values = world.broadcast([np.array(v.numpy()) for v in variables])
+    for v, a in zip(variables, values):
+        v.assign(a)
+
+
 def _differing_key(a, b):
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
@@ -586,12 +593,8 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
             log.info("resuming after epoch %d%s from %s", state["epoch"],
                      f" + {state['step']} steps" if state["step"] else "", path)
     else:
-        mvars = world.broadcast([np.array(v.numpy()) for v in model.variables])
-        for v, a in zip(model.variables, mvars):
-            v.assign(a)
-        ovars = world.broadcast([np.array(v.numpy()) for v in optimizer.variables])
-        for v, a in zip(optimizer.variables, ovars):
-            v.assign(a)
+        _broadcast_variables(world, model.variables)
+        _broadcast_variables(world, optimizer.variables)
 
     best_vars = None
     if state["best_epoch"] and out_dir:
@@ -620,12 +623,8 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     def sync_from_root():
         """After a shrink: every survivor takes the new root's weights, optimizer and place."""
         nonlocal phase, pending_stop
-        mv = world.broadcast([np.array(v.numpy()) for v in model.variables])
-        for v, a in zip(model.variables, mv):
-            v.assign(a)
-        ov = world.broadcast([np.array(v.numpy()) for v in optimizer.variables])
-        for v, a in zip(optimizer.variables, ov):
-            v.assign(a)
+        _broadcast_variables(world, model.variables)
+        _broadcast_variables(world, optimizer.variables)
         shared = world.bcast_object((state, phase, pending_stop))
         state.clear()
         state.update(shared[0])
@@ -909,6 +908,8 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
             prepare_out_dir(out_dir, resume=resume, overwrite=overwrite)
         except InputError as exc:
             err = (exc.what, exc.where)
+        except OSError as exc:  # permissions, full disk: one line, and no rank left waiting
+            err = (f"cannot prepare the model directory: {exc.strerror or exc}", out_dir)
     err = world.bcast_object(err)
     if err is not None:
         raise InputError(*err)

@@ -30,7 +30,8 @@ _LENGTH = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "cm": 1e-2, "mm"
            "millimeter": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "microns": 1e-6,
            "micrometer": 1e-6, "nm": 1e-9, "nanometer": 1e-9, "angstrom": 1e-10, "a": 1e-10,
            "å": 1e-10, "ang": 1e-10}
-_ENERGY = {"ev": 1.0, "kev": 1e3, "mev": 1e6, "j": 1.0 / 1.602176634e-19}
+# looked up as written first (meV and MeV differ only in case), then case-folded
+_ENERGY = {"meV": 1e-3, "MeV": 1e6, "ev": 1.0, "kev": 1e3, "j": 1.0 / 1.602176634e-19}
 
 
 def to_metres(dset, default="m", where=None):
@@ -45,8 +46,8 @@ def to_metres(dset, default="m", where=None):
 
 def to_ev(dset, default="eV", where=None):
     """Value of a scalar photon-energy dataset in eV, honoring its ``units`` attribute."""
-    units = units_of(dset, default)
-    factor = _ENERGY.get(units.strip().lower())
+    units = units_of(dset, default).strip()
+    factor = _ENERGY.get(units, _ENERGY.get(units.lower()))
     if factor is None:
         raise InputError(f"unknown energy units {units!r}", where)
     return first_value(dset) * factor
