@@ -71,9 +71,6 @@ def demo(out_dir, np_, frames, seed):
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.setdefault("PYTHONWARNINGS", "ignore")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     z = DEMO_SIZES
     p = {k: os.path.join(out, v) for k, v in {
         "run": "run1", "test_run": "run2", "data": "data1", "test_data": "data2",

