@@ -938,73 +938,81 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
         return {"interrupted": result["interrupted"], "checkpoint": result["checkpoint"],
                 "epoch": result["epochs_run"], "step": result["step_in_epoch"]}
 
-    meta = None
+    meta, root_error = None, None
     if world.is_root:
-        reports, calib, temperature = {}, None, 1.0
-        if len(splits["val"]):
-            y_val = dataset.labels[splits["val"]].astype(np.int64)
-            logits = dataset_logits(model, dataset, splits["val"])
-            if cfg.calibrate:
-                calib = calibrate(logits, y_val)
-                temperature = calib["temperature"]
-            reports["val"] = classification_report(y_val, softmax(logits, temperature), classes)
-        if len(splits["test"]):
-            y_test = dataset.labels[splits["test"]].astype(np.int64)
-            logits = dataset_logits(model, dataset, splits["test"])
-            reports["test"] = classification_report(y_test, softmax(logits, temperature),
-                                                    classes)
-        from .blueprint import validate_blueprint
+        try:
+            reports, calib, temperature = {}, None, 1.0
+            if len(splits["val"]):
+                y_val = dataset.labels[splits["val"]].astype(np.int64)
+                logits = dataset_logits(model, dataset, splits["val"])
+                if cfg.calibrate:
+                    calib = calibrate(logits, y_val)
+                    temperature = calib["temperature"]
+                reports["val"] = classification_report(y_val, softmax(logits, temperature), classes)
+            if len(splits["test"]):
+                y_test = dataset.labels[splits["test"]].astype(np.int64)
+                logits = dataset_logits(model, dataset, splits["test"])
+                reports["test"] = classification_report(y_test, softmax(logits, temperature),
+                                                        classes)
+            from .blueprint import validate_blueprint
 
-        meta = {
-            "schema_version": 1, "kind": "lcls-dl model", "created": utc_now(),
-            "software": software_versions(), "command": command,
-            "model_kind": cfg.model, "classes": classes,
-            "inputs": {n: list(shapes[n]) for n in names},
-            "preprocessing": dataset.preprocessing,
-            "q_edges": dataset.preprocessing.get("q_edges"),
-            "scalar_names": dataset.scalar_names,
-            "geometry": dataset.manifest.get("geometry"),
-            "dataset": {"path": os.path.abspath(dataset.path),
-                        "manifest_checksum": dataset.checksum, "n_frames": len(dataset),
-                        "class_counts": dataset.class_counts()},
-            "seed": cfg.seed, "temperature": temperature, "calibration": calib,
-            "split": {"method": "sha256('<seed>:<id>') -> [0,1): test < test_fraction <= val "
-                                "< test_fraction + val_fraction <= train",
-                      "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                      "test_fraction": cfg.test_fraction, "counts": split_counts,
-                      "class_counts": {k: dataset.class_counts(v) for k, v in splits.items()}},
-            "training": {"options": cfg.to_dict(), "config_hash": cfg.hash(),
-                         "world_size": result["world_size"],
-                         "global_batch_size": cfg.batch_size * result["world_size"],
-                         "lr_scaling": {"rule": cfg.lr_scaling, "base_lr": cfg.lr,
-                                        "reference_batch": cfg.lr_reference_batch
-                                        or cfg.batch_size,
-                                        "peak_lr": result["peak_lr"],
-                                        "warmup_epochs": cfg.warmup_epochs},
-                         "final_world_size": result["final_world_size"],
-                         "lost_ranks": result["lost_ranks"],
-                         "recoveries": result["recoveries"],
-                         "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-                         "best_val_loss": result["best_val_loss"],
-                         "stopped_early": result["stopped_early"],
-                         "train_seconds": result["train_seconds"],
-                         "images_per_second": result["images_per_second"],
-                         "resumed": bool(resume), "params": int(model.count_params())},
-            "blueprint": validate_blueprint(cfg.blueprint),
-            "metrics": reports,
-        }
-        save_model_dir(out_dir, model, meta)
-        from .plots import plot_curves
+            meta = {
+                "schema_version": 1, "kind": "lcls-dl model", "created": utc_now(),
+                "software": software_versions(), "command": command,
+                "model_kind": cfg.model, "classes": classes,
+                "inputs": {n: list(shapes[n]) for n in names},
+                "preprocessing": dataset.preprocessing,
+                "q_edges": dataset.preprocessing.get("q_edges"),
+                "scalar_names": dataset.scalar_names,
+                "geometry": dataset.manifest.get("geometry"),
+                "dataset": {"path": os.path.abspath(dataset.path),
+                            "manifest_checksum": dataset.checksum, "n_frames": len(dataset),
+                            "class_counts": dataset.class_counts()},
+                "seed": cfg.seed, "temperature": temperature, "calibration": calib,
+                "split": {"method": "sha256('<seed>:<id>') -> [0,1): test < test_fraction <= val "
+                                    "< test_fraction + val_fraction <= train",
+                          "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                          "test_fraction": cfg.test_fraction, "counts": split_counts,
+                          "class_counts": {k: dataset.class_counts(v) for k, v in splits.items()}},
+                "training": {"options": cfg.to_dict(), "config_hash": cfg.hash(),
+                             "world_size": result["world_size"],
+                             "global_batch_size": cfg.batch_size * result["world_size"],
+                             "lr_scaling": {"rule": cfg.lr_scaling, "base_lr": cfg.lr,
+                                            "reference_batch": cfg.lr_reference_batch
+                                            or cfg.batch_size,
+                                            "peak_lr": result["peak_lr"],
+                                            "warmup_epochs": cfg.warmup_epochs},
+                             "final_world_size": result["final_world_size"],
+                             "lost_ranks": result["lost_ranks"],
+                             "recoveries": result["recoveries"],
+                             "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+                             "best_val_loss": result["best_val_loss"],
+                             "stopped_early": result["stopped_early"],
+                             "train_seconds": result["train_seconds"],
+                             "images_per_second": result["images_per_second"],
+                             "resumed": bool(resume), "params": int(model.count_params())},
+                "blueprint": validate_blueprint(cfg.blueprint),
+                "metrics": reports,
+            }
+            save_model_dir(out_dir, model, meta)
+            from .plots import plot_curves
 
-        plot_curves(result["history"], os.path.join(out_dir, "curves.png"),
-                    title=f"{cfg.model} on {os.path.basename(os.path.abspath(dataset.path))}")
+            plot_curves(result["history"], os.path.join(out_dir, "curves.png"),
+                        title=f"{cfg.model} on {os.path.basename(os.path.abspath(dataset.path))}")
+        except Exception as exc:  # other ranks must not wait forever for the metadata
+            root_error = exc
     try:
-        meta = world.bcast_object(meta)
+        meta, failed = world.bcast_object((meta, None if root_error is None else str(root_error)))
     except Exception as exc:  # a rank died after training: the root has written the model
         from ..distributed.ulfm import WorldShrunk
 
         if not isinstance(exc, WorldShrunk):
             raise
         log.warning("%s after training; the model directory is complete", exc)
+        failed = None
     dataset.close()
+    if root_error is not None:
+        raise root_error
+    if failed is not None:
+        raise LclsError(f"rank 0 failed to write the model directory: {failed}", out_dir)
     return meta
