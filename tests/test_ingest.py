@@ -326,10 +326,29 @@ def test_launcher_environment_and_command():
                                 "SLURM_STEP_NUM_TASKS": "2"})
     cmd = launcher.mpiexec_command(["ingest", "a b"], 4, mpiexec="/x/mpiexec", cores=2)
     assert cmd[:3] == ["/x/mpiexec", "-n", "4"] and "--oversubscribe" in cmd
-    assert cmd[-4:] == ["-m", "lcls_dl", "ingest", "a b"]
+    assert cmd[-2:] == ["ingest", "a b"] and cmd[-5:-2] == launcher.lcls_dl_command()
     cmd = launcher.mpiexec_command(["x"], 4, hostfile="hosts", mpiexec="m", cores=2)
     assert "--oversubscribe" not in cmd and "hosts" in cmd
     assert launcher.comm_world() is None
+
+
+def test_child_command_runs_the_installed_package_not_the_working_directory(tmp_path):
+    """Started from a source checkout, ranks must not import the (uncompiled) source tree."""
+    import subprocess
+    import sys
+
+    from lcls_dl.distributed.launcher import lcls_dl_command
+
+    decoy = tmp_path / "lcls_dl"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit('imported the working directory')\n")
+    (decoy / "__main__.py").write_text("")
+    naive = subprocess.run([sys.executable, "-m", "lcls_dl", "--version"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert "imported the working directory" in naive.stderr  # the trap works
+    proc = subprocess.run(lcls_dl_command() + ["--version"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "lcls-dl, version" in proc.stdout, proc.stderr
 
 
 def test_nexus_compressed_external_links_end_to_end(tmp_path, cli):

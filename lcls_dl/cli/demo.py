@@ -2,11 +2,11 @@
 import os
 import re
 import subprocess
-import sys
 import time
 
 import click
 
+from ..distributed.launcher import lcls_dl_command
 from ..errors import LclsError
 
 # small sizes: the whole demo stays well under 10 minutes on a 2-core laptop
@@ -16,8 +16,8 @@ DEMO_SIZES = {"frames": 240, "test_frames": 90, "first_labels": 60, "epochs": 15
 
 
 def _lcls(args, log, env):
-    """Run ``python -m lcls_dl ARGS``; tee its output into the demo log; raise on failure."""
-    cmd = [sys.executable, "-m", "lcls_dl", *map(str, args)]
+    """Run ``lcls-dl ARGS``; tee its output into the demo log; raise on failure."""
+    cmd = lcls_dl_command() + [str(a) for a in args]
     shown = "lcls-dl " + " ".join(map(str, args))
     click.echo(f"\n$ {shown}", err=True)
     t0 = time.perf_counter()
@@ -33,12 +33,6 @@ def _lcls(args, log, env):
         raise LclsError(f"demo step failed with exit code {proc.returncode}: {shown} "
                         f"(see the log)", log)
     return time.perf_counter() - t0
-
-
-def _supports(command, option, env):
-    proc = subprocess.run([sys.executable, "-m", "lcls_dl", command, "--help"],
-                          capture_output=True, text=True, env=env)
-    return option in proc.stdout
 
 
 @click.command("demo")
@@ -103,10 +97,8 @@ def demo(out_dir, np_, frames, seed):
                                          "--who", "demo", "--source", "human"], log, env)))
     train = ["-q", "train", p["data"], "--out", p["model"], "--epochs", z["epochs"],
              "--patience", 0]
-    if np_ > 1 and _supports("train", "--np", env):
+    if np_ > 1:
         train += ["--np", np_]
-    elif np_ > 1:
-        click.echo("(this install's train has no --np: training on one process)", err=True)
     steps.append(("train", _lcls(train, log, env)))
     steps.append(("evaluate", _lcls(["evaluate", p["model"], p["test_data"], "--out",
                                      p["eval"]], log, env)))

@@ -73,6 +73,17 @@ def mpi_flavor(mpiexec):
     return "mpich" if ("HYDRA" in text or "MPICH" in text) else "openmpi"
 
 
+def lcls_dl_command():
+    """Command prefix that runs the *installed* lcls-dl in a child process (append its args).
+
+    Not ``python -m lcls_dl``: that puts the working directory first on ``sys.path``, so
+    started from a source checkout it would import the source tree, without the compiled
+    kernels, instead of the installed package.
+    """
+    return [sys.executable, "-c",
+            "import sys; del sys.path[0]; from lcls_dl.cli.main import main; main()"]
+
+
 def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, cores=None,
                     flavor="openmpi"):
     """The command line :func:`maybe_launch` runs (a list of str).
@@ -87,14 +98,14 @@ def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, core
         if hostfile:
             cmd += ["-f", os.fspath(hostfile)]
         cmd += list(mpiexec_args)
-        return cmd + [sys.executable, "-m", "lcls_dl"] + [str(a) for a in argv]
+        return cmd + lcls_dl_command() + [str(a) for a in argv]
     cmd = [mpiexec, "-n", str(int(np)), "--output", "tag", "--bind-to", "none"]
     if hostfile:
         cmd += ["--hostfile", os.fspath(hostfile)]
     elif np > cores:
         cmd.append("--oversubscribe")
     cmd += list(mpiexec_args)
-    cmd += [sys.executable, "-m", "lcls_dl"] + [str(a) for a in argv]
+    cmd += lcls_dl_command() + [str(a) for a in argv]
     return cmd
 
 

@@ -120,8 +120,8 @@ def resume_command(argv=None, flag="--resume"):
     Parameters
     ----------
     argv : list of str, optional
-        ``sys.argv`` by default; a leading path to the ``lcls-dl`` script becomes
-        ``lcls-dl``.
+        ``sys.argv`` by default; a leading path to the ``lcls-dl`` script (or the ``-c`` /
+        ``__main__.py`` of a rank started by the launcher) becomes ``lcls-dl``.
 
     Examples
     --------
@@ -131,7 +131,7 @@ def resume_command(argv=None, flag="--resume"):
     'lcls-dl train data --resume'
     """
     args = list(sys.argv if argv is None else argv)
-    if args and (args[0].endswith("lcls-dl") or args[0].endswith("__main__.py")):
+    if args and (args[0].endswith(("lcls-dl", "__main__.py")) or args[0] == "-c"):
         args[0] = "lcls-dl"
     if flag not in args:
         args.append(flag)
