@@ -339,7 +339,7 @@ class FaultTolerantComm:
             try:
                 try:
                     comm.Ack_failed()  # known failures do not make Agree itself fail
-                except NotImplementedError:
+                except NotImplementedError:  # an MPI without MPIX_Comm_ack_failed
                     pass
                 ok = comm.Agree(int(cause is None))
             except MPI.Exception as exc:
