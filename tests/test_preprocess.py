@@ -285,3 +285,27 @@ def test_max_snr_channel_keeps_a_spot_the_mean_washes_out(backend):
                                                  image_channels=1), kernels=backend)(spot)
     assert one["image"].shape == (16, 32) and one["scalars"].shape == (len(SCALAR_NAMES),)
     np.testing.assert_allclose(one["image"], b["image"][..., 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["c", "numpy"])
+def test_profile_is_the_mean_of_used_pixels_per_q_bin(which):
+    """profile() (its own q-bin pass) = plain bincount mean over unmasked, non-hot pixels."""
+    from lcls_dl.ingest import geometry as geom
+    from lcls_dl.ingest.kernels import get_kernels
+
+    geo = geom.epix10k2m()
+    rng = np.random.default_rng(3)
+    frame = rng.poisson(3.0, size=geo.frame_shape).astype(np.uint16)
+    frame.flat[::997] = 60000  # hot pixels
+    params = PreprocessParams(hot_pixel_photons=1000.0)
+    pre = FramePreprocessor(geo.q_map(), geo.phi_map(), geo.mask, params,
+                            kernels=get_kernels(which))
+    prof = pre.profile(frame)
+    b = pre.profile_bin.reshape(-1)
+    x = frame.reshape(-1).astype(np.float64)
+    use = (b >= 0) & (x <= 1000.0)
+    s = np.bincount(b[use], weights=x[use], minlength=params.n_q)
+    c = np.bincount(b[use], minlength=params.n_q)
+    np.testing.assert_allclose(prof, np.divide(s, c, out=np.zeros_like(s), where=c > 0),
+                               rtol=1e-12)
+    assert (frame.reshape(-1)[b >= 0] == 60000).any()  # the hot pixels were in range
