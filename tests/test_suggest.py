@@ -252,3 +252,43 @@ def test_contact_sheet_shows_two_channel_images_with_spots_in_red(tmp_path):
     rows = [{"rank": i + 1, "id": f"r:{i}", "score": 0.5, "predicted": "ice"} for i in range(3)]
     path = write_contact_sheet(str(tmp_path / "s.png"), np.stack([img] * 3), rows)
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+SCORE_FAIL_SCRIPT = """
+import sys
+from lcls_dl.active.mpi_scoring import get_world, score_pool
+from lcls_dl.errors import LclsError
+import numpy as np
+
+world = get_world()
+
+def score(rows, offset):
+    if world.rank == 1:
+        raise ValueError("bad frame")
+    return {"probs": np.zeros((len(rows), 2))}
+
+try:
+    score_pool(score, np.arange(10), world)
+except LclsError as exc:
+    print("ROOT", exc, flush=True)
+    sys.exit(3)
+except ValueError:
+    sys.exit(4)
+print("NO ERROR", world.rank, flush=True)
+"""
+
+
+@pytest.mark.mpi
+def test_mpi_scoring_failure_on_one_rank_is_reported_not_hung(tmp_path):
+    import subprocess
+    import sys
+
+    from lcls_dl.distributed.launcher import find_mpiexec
+
+    script = tmp_path / "fail.py"
+    script.write_text(SCORE_FAIL_SCRIPT)
+    proc = subprocess.run([find_mpiexec(), "-n", "2", "--oversubscribe", "--bind-to", "none",
+                           sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "ROOT scoring failed on rank 1: ValueError: bad frame" in proc.stdout, proc.stderr[-2000:]
+    assert "NO ERROR" not in proc.stdout and proc.returncode != 0

@@ -19,6 +19,8 @@ Examples
 """
 import numpy as np
 
+from ..errors import LclsError
+
 
 def split_bounds(n, rank, size, align=1):
     """``(start, stop)`` of rank ``rank``'s contiguous share of ``n`` rows.
@@ -65,15 +67,25 @@ def score_pool(score_fn, rows, world=None, align=1):
         return score_fn(np.asarray(rows), 0)
     rows = np.asarray(rows)
     start, stop = split_bounds(len(rows), world.rank, world.size, align)
-    mine = score_fn(rows[start:stop], start)
+    try:
+        mine, error = score_fn(rows[start:stop], start), None
+    except Exception as exc:  # every rank must still reach the gather, or the others hang
+        mine, error = None, exc
+    sent = (mine, None if error is None else f"{type(error).__name__}: {error}")
     comm = getattr(world, "comm", None)
     if comm is not None:
-        pieces = comm.gather(mine, root=0)
+        pieces = comm.gather(sent, root=0)
     else:
-        pieces = world.allgather_object(mine)
+        pieces = world.allgather_object(sent)
+    if error is not None:
+        raise error
     if not world.is_root:
         return None
-    return merge_outputs(pieces)
+    failed = [(rank, msg) for rank, (_, msg) in enumerate(pieces) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise LclsError(f"scoring failed on rank {rank}: {msg}")
+    return merge_outputs([piece for piece, _ in pieces])
 
 
 def get_world():
