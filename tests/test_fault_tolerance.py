@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from helpers_data import make_dataset
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -61,8 +62,7 @@ def env_with(**kw):
 
 def run(args, cwd, timeout=60, **env):
     """``python -m lcls_dl ARGS`` with a timeout (a hang fails the test)."""
-    return subprocess.run([sys.executable, "-m", "lcls_dl", *map(str, args)], cwd=cwd,
-                          env=env_with(**env), capture_output=True, text=True, timeout=timeout)
+    return run_cli(args, cwd=cwd, timeout=timeout, env=env_with(**env))
 
 
 def digests(debug_dir):

@@ -409,14 +409,19 @@ class FramePreprocessor:
             raise InputError(f"frame dtype {a.dtype} is not a real number type", where)
         return as_kernel_input(a)
 
+    def _sums(self, flat, bins, n_bins, ws, cand_thr, where):
+        """One accumulation pass of ``flat`` over ``bins``; refuses non-finite used pixels."""
+        acc = self.kernels.accumulate(flat, bins, n_bins, self.offset, self.scale, self.hot,
+                                      cand_thr, ws)
+        if acc.n_nonfinite:
+            raise InputError(f"frame has {acc.n_nonfinite} non-finite pixels", where)
+        return acc
+
     def _accumulate(self, frame, where, cand_thr=None):
         flat = self._prepare(frame, where)
         if cand_thr is None:
             cand_thr = self.params.peak_min_photons
-        acc = self.kernels.accumulate(flat, self.bins, self.n_bins, self.offset, self.scale,
-                                      self.hot, cand_thr, self._ws)
-        if acc.n_nonfinite:
-            raise InputError(f"frame has {acc.n_nonfinite} non-finite pixels", where)
+        acc = self._sums(flat, self.bins, self.n_bins, self._ws, cand_thr, where)
         counts = self.static_counts - acc.excluded if acc.excluded.any() else None
         return flat, acc, counts
 
@@ -436,10 +441,8 @@ class FramePreprocessor:
         if self._profile_ws is None:  # built on first use: __call__ never needs it
             self._profile_bins = self.profile_bin.reshape(-1)
             self._profile_ws = self.kernels.workspace(self._profile_bins, self.params.n_q)
-        acc = self.kernels.accumulate(flat, self._profile_bins, self.params.n_q, self.offset,
-                                      self.scale, self.hot, np.inf, self._profile_ws)
-        if acc.n_nonfinite:
-            raise InputError(f"frame has {acc.n_nonfinite} non-finite pixels", where)
+        acc = self._sums(flat, self._profile_bins, self.params.n_q, self._profile_ws, np.inf,
+                         where)
         s, c = acc.sum, self._static_radial - acc.excluded
         return np.divide(s, c, out=np.zeros_like(s, dtype=np.float64), where=c > 0)
 
