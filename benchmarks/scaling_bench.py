@@ -7,8 +7,9 @@ its collective ops need to make progress). MPI ranks run with
 on dedicated nodes):
 
 1. lcls-dl, np=1 and np=2 (``mpiexec``): the training step of
-   :func:`lcls_dl.models.training.train` (a compiled gradient step, gradients averaged
-   with ``MPIWorld.allreduce_mean`` / :class:`GradientAverager`, a compiled update) on
+   :func:`lcls_dl.models.training.train` (a compiled gradient step with 1/N folded into
+   the loss and the gradients fused into few buffers, summed in place over ranks by
+   :class:`~lcls_dl.distributed.gradient_fusion.TensorReducer`, a compiled update) on
    a small CNN, per-rank batch ``--batch``; images/s = ranks * batch * steps / time.
    Weak-scaling ratio = images/s(np=2) / images/s(np=1) (target >= 1.8).
 2. TensorFlow ``MultiWorkerMirroredStrategy`` (gRPC ring collectives, ``TF_CONFIG``
@@ -88,6 +89,7 @@ def set_threads(inter):
 
 # ---------------------------------------------------------------- lcls-dl rank
 def lcls_rank(args):
+    from lcls_dl.distributed.gradient_fusion import FusionPlan, TensorReducer
     from lcls_dl.distributed.mpi_world import MPIWorld
 
     world = MPIWorld()
@@ -102,21 +104,27 @@ def lcls_rank(args):
     for v, a in zip(model.variables, world.broadcast([np.array(v.numpy()) for v in model.variables])):
         v.assign(a)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    # as lcls_dl.models.training.train: 1/N in the loss, fused buffers summed in place
+    plan = FusionPlan([v.shape for v in trainable], [v.dtype for v in trainable])
+    sum_buffers = TensorReducer(world, protect=model.variables)
+    inv_size = 1.0 / world.size
 
     @tf.function
     def grad_step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
-        return loss, tape.gradient(loss, trainable)
+            scaled = loss * inv_size
+        return loss, plan.fuse(tape.gradient(scaled, trainable))
 
     @tf.function
-    def apply_step(grads):
-        opt.apply_gradients(zip(grads, trainable))
+    def apply_step(buffers):
+        opt.apply_gradients(zip(plan.unfuse(buffers), trainable))
 
     @tf.function
     def fused_step(x, y):
-        loss, grads = grad_step(x, y)
-        opt.apply_gradients(zip(grads, trainable))
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
         return loss
 
     x, y = make_data(args.batch * 8, seed=world.rank)
@@ -129,11 +137,11 @@ def lcls_rank(args):
         xb, yb = batches[k % len(batches)]
         if world.size == 1 or args.no_comm:
             return fused_step(xb, yb)
-        loss, grads = grad_step(xb, yb)
+        loss, buffers = grad_step(xb, yb)
         t0 = time.perf_counter()
-        reduced = world.allreduce_mean([g.numpy() for g in grads])
+        summed = sum_buffers(buffers)
         t_comm += time.perf_counter() - t0
-        apply_step([tf.convert_to_tensor(g) for g in reduced])
+        apply_step(summed)
         return loss
 
     for k in range(args.warmup):

@@ -193,6 +193,11 @@ AVERAGER_SCRIPT = """
         key = f"{comp}-{overlap}" + ("-direct" if direct == 1024 else "")
         res[key] = {"err": err, "buckets": avg.n_buckets, "calls": avg.n_calls,
                     "identical": same[0] == same[1]}
+    # the zero-copy path: each buffer summed in its own memory, in 1 KiB chunks
+    mine = [g.copy() for g in grads]
+    GradientAverager(world.comm, chunk_bytes=1024).sum_in_place(mine)
+    res["inplace_err"] = max(float(np.max(np.abs(m - world.size * e), initial=0))
+                             for m, e in zip(mine, exact))
     res["sum"] = world.allreduce_sum(world.rank + 1)
     res["agree_mixed"] = world.agree(world.rank == 0)
     res["agree_all"] = world.agree(True)
@@ -223,6 +228,7 @@ def test_gradient_averager_two_ranks(tmp_path):
     assert res["None-False"]["buckets"] == -(-(9 + 4000 + 630) * 4 // 2048)
     # direct: 4000- and 630-float arrays in 512-float chunks, the 9 floats packed
     assert res["None-False-direct"]["calls"] == 1 + 8 + 2
+    assert res["inplace_err"] < 1e-5
     assert res["sum"] == 3 and res["agree_mixed"] is False and res["agree_all"] is True
     assert res["bcast"] == [4.0] * 5 and res["obj"] == {"r": 0}
 

@@ -47,6 +47,9 @@ from ..errors import InputError
 DEFAULT_BUCKET_BYTES = 1 << 20
 #: gradients at least this large are reduced in place instead of packed
 DEFAULT_DIRECT_BYTES = 256 << 10
+#: largest single Allreduce of :meth:`GradientAverager.sum_in_place` (one node, 2 ranks:
+#: 6.2 GB/s at 1 MiB, 8.3 GB/s at 16 MiB, 3.5 GB/s at 32 MiB once buffers leave the cache)
+DEFAULT_CHUNK_BYTES = 16 << 20
 
 _COMPRESSIONS = (None, "none", "fp16", "bf16")
 _OPS = {}
@@ -104,6 +107,8 @@ class GradientAverager:
         pack every gradient (inputs untouched).
     direct_bytes : int
         Size from which a gradient is reduced in place rather than packed.
+    chunk_bytes : int
+        Largest single ``Allreduce`` of :meth:`sum_in_place`.
 
     Examples
     --------
@@ -117,7 +122,8 @@ class GradientAverager:
     """
 
     def __init__(self, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, compression=None,
-                 overlap=False, average=True, inplace=True, direct_bytes=DEFAULT_DIRECT_BYTES):
+                 overlap=False, average=True, inplace=True, direct_bytes=DEFAULT_DIRECT_BYTES,
+                 chunk_bytes=DEFAULT_CHUNK_BYTES):
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -137,6 +143,7 @@ class GradientAverager:
         self.average = bool(average)
         self.inplace = bool(inplace) and self.compression is None
         self.direct_bytes = int(direct_bytes)
+        self.chunk_bytes = max(1024, int(chunk_bytes))
         self._layout = None
 
     # -- planning ------------------------------------------------------------------
@@ -262,6 +269,33 @@ class GradientAverager:
             if self.compression:
                 flat[...] = self._half
         return [arrays[i] if self._direct[i] else v for i, v in enumerate(self._views)]
+
+    def sum_in_place(self, buffers):
+        """Sum contiguous writable arrays over ranks, each in its own memory.
+
+        One ``Allreduce(MPI.IN_PLACE)`` per buffer (in pieces of at most
+        ``chunk_bytes``), no packing and no scaling: the zero-copy path of
+        :mod:`lcls_dl.distributed.gradient_fusion`, where the step already produced few
+        large buffers with ``1 / size`` folded into the loss. Every rank must pass the
+        same shapes in the same order.
+
+        Parameters
+        ----------
+        buffers : list of ndarray
+            C-contiguous, writable; overwritten with the sums.
+        """
+        MPI = self._MPI
+        for buf in buffers:
+            flat = buf.reshape(-1)
+            if not (buf.flags.c_contiguous and buf.flags.writeable):
+                raise InputError("in-place allreduce needs contiguous writable arrays",
+                                 f"array of shape {buf.shape}")
+            step = max(1, self.chunk_bytes // flat.itemsize)
+            if flat.size <= step:
+                self.comm.Allreduce(MPI.IN_PLACE, flat, MPI.SUM)
+                continue
+            for start in range(0, flat.size, step):
+                self.comm.Allreduce(MPI.IN_PLACE, flat[start:start + step], MPI.SUM)
 
     @property
     def nbytes(self):

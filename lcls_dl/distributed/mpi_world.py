@@ -59,6 +59,12 @@ class MPIWorld:
             return list(arrays)
         return self.averager(arrays)
 
+    def allreduce_sum_inplace(self, buffers):
+        """Sum contiguous writable float arrays over ranks, in their own memory
+        (:meth:`~lcls_dl.distributed.allreduce.GradientAverager.sum_in_place`)."""
+        if self.size > 1:
+            self.averager.sum_in_place(buffers)
+
     def allreduce_sum(self, value):
         """Sum a Python/NumPy scalar or an array over ranks.
 

@@ -443,6 +443,11 @@ class FaultTolerantWorld:
     def allreduce_sum(self, value):
         return self._run("allreduce_sum", value)
 
+    def allreduce_sum_inplace(self, buffers):
+        """In-place sum (``MPIWorld.allreduce_sum_inplace``); after a lost rank the
+        buffers hold partial sums: the caller redoes the step."""
+        return self._run("allreduce_sum_inplace", buffers)
+
     def broadcast(self, arrays, root=0):
         return self._run("broadcast", arrays, root=root)
 

@@ -16,6 +16,9 @@ class LocalWorld:
         """Average a list of float arrays over ranks (in place where possible); return the list."""
         return arrays
 
+    def allreduce_sum_inplace(self, buffers):
+        """Sum writable arrays over ranks in their own memory (nothing to do alone)."""
+
     def allreduce_sum(self, value):
         """Sum a scalar or array over ranks."""
         return value

@@ -5,8 +5,12 @@
 
 1. initial weights and optimizer state are broadcast from the root (``world.broadcast``);
 2. each step computes gradients in a ``tf.function`` (forward + backward on this rank's
-   batch), hands them as numpy arrays to ``grad_reducer`` (default ``world.allreduce_mean``;
-   replaceable by a bucketed reducer) and applies the averaged gradients;
+   batch), sums them over ranks and applies them in a second ``tf.function``. By default
+   (an MPI world without gradient compression) the step folds ``1 / size`` into the loss
+   and returns its gradients as a few fused buffers that are summed in place, zero-copy
+   (:mod:`lcls_dl.distributed.gradient_fusion`); with a ``grad_reducer``, or with
+   compression, they go as numpy arrays to ``grad_reducer`` (default
+   ``world.allreduce_mean``) and the averages are applied;
 3. every epoch each rank takes its rows from ``partition(rows, labels, epoch, seed, rank,
    size)`` (default :func:`lcls_dl.models.data.default_partition`); shorter partitions wrap so
    every rank runs the same number of steps;
@@ -52,6 +56,7 @@ import time
 import numpy as np
 
 from ..atomic import atomic_open
+from ..distributed.gradient_fusion import FusionPlan, TensorReducer
 from ..errors import ConfigError, InputError, LclsError
 
 log = logging.getLogger(__name__)
@@ -463,9 +468,9 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         ``partition(rows, labels, epoch, seed, rank, size) -> rows`` (default
         :func:`lcls_dl.models.data.default_partition`).
     grad_reducer : callable, optional
-        ``grad_reducer(list of ndarray) -> list of ndarray`` (default ``world.allreduce_mean``,
-        the bucketed in-place :class:`~lcls_dl.distributed.allreduce.GradientAverager`
-        of an ``MPIWorld``).
+        ``grad_reducer(list of ndarray) -> list of ndarray`` returning rank averages.
+        Default: the zero-copy fused path (``world.allreduce_sum_inplace``), or
+        ``world.allreduce_mean`` when the world compresses gradients.
     resume : bool
         Continue from the newest checkpoint in ``out_dir`` (epoch boundary or mid-epoch).
     callbacks : sequence of callables
@@ -530,13 +535,20 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     optimizer.build(trainable)
     logits_model = sub_model(model, "logits")
     cw_t = tf.constant(cw)
+    local = world.size == 1 and grad_reducer is None and not hasattr(world, "ft")
+    averager = getattr(world, "averager", None)
+    # the default MPI path: fused buffers reduced in place, 1/N folded into the loss
+    zero_copy = (not local and grad_reducer is None and hasattr(world, "allreduce_sum_inplace")
+                 and getattr(averager, "compression", None) is None)
+    inv_size = tf.Variable(1.0 / world.size if zero_copy else 1.0, trainable=False,
+                           dtype=tf.float32)
 
     def forward_backward(inputs, y):
         with tf.GradientTape() as tape:
             logits = logits_model(inputs, training=True)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             n = tf.cast(tf.shape(y)[0], tf.float32)
-            loss = tf.reduce_sum(tf.gather(cw_t, y) * ce) / n
+            loss = tf.reduce_sum(tf.gather(cw_t, y) * ce) / n * inv_size
         grads = tape.gradient(loss, trainable)
         correct = tf.reduce_sum(tf.cast(
             tf.equal(tf.argmax(logits, 1, output_type=tf.int32), y), tf.float32))
@@ -554,8 +566,19 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         optimizer.apply_gradients(zip(grads, trainable))
         return ce_sum, correct
 
-    local = world.size == 1 and grad_reducer is None and not hasattr(world, "ft")
     reducer = grad_reducer or (lambda arrays: world.allreduce_mean(arrays))
+    if zero_copy:
+        plan = FusionPlan([v.shape for v in trainable], [v.dtype for v in trainable])
+        sum_buffers = TensorReducer(world, protect=model.variables)
+
+        @tf.function(reduce_retracing=True)
+        def fused_grad_step(inputs, y):
+            ce_sum, correct, grads = forward_backward(inputs, y)
+            return ce_sum, correct, plan.fuse(grads)
+
+        @tf.function(reduce_retracing=True)
+        def apply_fused(buffers):
+            optimizer.apply_gradients(zip(plan.unfuse(buffers), trainable))
 
     # -- initial state: broadcast from root, or restore a checkpoint --------------------------
     context = dict(context or {})
@@ -630,6 +653,8 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         state.update(shared[0])
         phase, pending_stop = shared[1], shared[2]
         peak.assign(cfg.peak_lr(world.size))
+        if zero_copy:
+            inv_size.assign(1.0 / world.size)
 
     while phase != "done":
         try:
@@ -664,6 +689,9 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                         hooks.before_step(int(optimizer.iterations.numpy()))
                     if local:
                         ce_sum, correct = fused_step(inputs, y)
+                    elif zero_copy:
+                        ce_sum, correct, buffers = fused_grad_step(inputs, y)
+                        apply_fused(sum_buffers(buffers))
                     else:
                         ce_sum, correct, grads = grad_step(inputs, y)
                         # fresh arrays every try: the averager reduces in place
