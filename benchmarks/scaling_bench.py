@@ -45,7 +45,9 @@ CLASSES = 3
 
 
 def _env(threads_inter=1):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+    from lcls_dl.distributed.launcher import rank_environment
+
+    env = dict(rank_environment(),  # what lcls-dl's launcher gives its ranks
                TF_CPP_MIN_LOG_LEVEL="3", LCLS_DL_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS=str(threads_inter), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="")

@@ -22,8 +22,10 @@ needs_mpi = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK), reason="no mpiex
 
 def mpirun(script, args, cwd, n=2, timeout=120):
     """Run ``python script args`` on ``n`` ranks; return the CompletedProcess."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_mpi_yield_when_idle="1")
+    from lcls_dl.distributed.launcher import rank_environment
+
+    # the environment lcls-dl's launcher gives its ranks (root permission, shared memory)
+    env = dict(rank_environment(), TF_CPP_MIN_LOG_LEVEL="3", OMPI_MCA_mpi_yield_when_idle="1")
     cmd = [MPIEXEC, "-n", str(n), "--oversubscribe", "--bind-to", "none",
            sys.executable, str(script), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,

