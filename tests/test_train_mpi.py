@@ -108,3 +108,20 @@ def test_sigterm_to_launcher_checkpoints_and_resume_is_bitwise(data, np2, tmp_pa
     meta = model_json(out)
     assert meta["training"]["resumed"] and meta["training"]["epochs_run"] == 5
     assert digests(dbg) == np2[2]                  # same weights as never interrupted
+
+
+@pytest.mark.timeout(180)
+def test_root_checkpoint_write_failure_stops_every_rank(data, tmp_path):
+    """Only rank 0 writes: a full disk there must end the job with one clear error on
+    every rank (not leave rank 1 waiting, not let it train on as a survivor)."""
+    out = tmp_path / "m"
+    proc = run(train_args(data, out, extra=["--np", "2"]), tmp_path, timeout=150,
+               LCLS_DL_TEST_CHECKPOINT_FAIL="epoch-0002.npz")
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "lcls-dl: error:" in ln]
+    assert {ln[:5] for ln in errors} == {"[1,0]", "[1,1]"}
+    assert all("cannot write the epoch 2 checkpoint" in ln and "No space left" in ln
+               for ln in errors)
+    ck = sorted(os.listdir(out / "checkpoints"))
+    assert "epoch-0001.npz" in ck and "epoch-0002.npz" not in ck
+    assert not (out / "model.json").exists()

@@ -202,9 +202,14 @@ def _checkpoint_key(path):
 
 
 def _test_checkpoint_pause(path):
-    """Test hook: ``LCLS_DL_TEST_CHECKPOINT_SLEEP="epoch-0002.npz:30"`` pauses inside the
-    atomic write of that checkpoint (temporary file written, not yet renamed), after
-    creating ``<checkpoints>/.writing-<name>``, so a test can kill the process there."""
+    """Test hooks inside the atomic write of a checkpoint (temporary file written, not yet
+    renamed): ``LCLS_DL_TEST_CHECKPOINT_FAIL="epoch-0002.npz"`` fails that write as a full
+    disk would; ``LCLS_DL_TEST_CHECKPOINT_SLEEP="epoch-0002.npz:30"`` pauses there, after
+    creating ``<checkpoints>/.writing-<name>``, so a test can kill the process."""
+    if os.environ.get("LCLS_DL_TEST_CHECKPOINT_FAIL") == os.path.basename(path):
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     spec = os.environ.get("LCLS_DL_TEST_CHECKPOINT_SLEEP")
     if not spec:
         return
@@ -637,6 +642,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     stopped_early = bool(state["stopped"]) and state["epoch"] < cfg.epochs
     data_iter, bar, n_steps, pending_stop = None, None, 0, False
     need_sync, interrupted, ck_path = False, None, None
+    write_error = None  # the root's failure to write checkpoints/logs this epoch
     recovering, recoveries = None, []
 
     def checkpoint_state():
@@ -759,23 +765,28 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                 sums = np.zeros(3)
                 data_iter = None
                 if out_dir and world.is_root:
-                    ck_state = checkpoint_state()
-                    opt_vars = [np.array(v.numpy()) for v in optimizer.variables]
-                    if improved:
-                        save_checkpoint(os.path.join(out_dir, CHECKPOINT_DIR, "best.npz"),
-                                        best_vars, opt_vars, ck_state)
-                    save_checkpoint(checkpoint_path(out_dir, epoch),
-                                    [np.array(v.numpy()) for v in model.variables], opt_vars,
-                                    ck_state)
-                    _prune(out_dir, cfg.keep)
-                    write_metrics_csv(os.path.join(out_dir, "metrics.csv"), state["history"])
-                    if writer is None:
-                        writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs"))
-                    with writer.as_default():
-                        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
-                            if row[key] is not None and np.isfinite(row[key]):
-                                _tb_scalar(tf, key, row[key], epoch)
-                        writer.flush()
+                    try:
+                        ck_state = checkpoint_state()
+                        opt_vars = [np.array(v.numpy()) for v in optimizer.variables]
+                        if improved:
+                            save_checkpoint(os.path.join(out_dir, CHECKPOINT_DIR, "best.npz"),
+                                            best_vars, opt_vars, ck_state)
+                        save_checkpoint(checkpoint_path(out_dir, epoch),
+                                        [np.array(v.numpy()) for v in model.variables],
+                                        opt_vars, ck_state)
+                        _prune(out_dir, cfg.keep)
+                        write_metrics_csv(os.path.join(out_dir, "metrics.csv"),
+                                          state["history"])
+                        if writer is None:
+                            writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs"))
+                        with writer.as_default():
+                            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+                                if row[key] is not None and np.isfinite(row[key]):
+                                    _tb_scalar(tf, key, row[key], epoch)
+                            writer.flush()
+                    except Exception as exc:  # disk full, permissions: every rank must stop
+                        write_error = f"cannot write the epoch {epoch} checkpoint: " \
+                                      f"{type(exc).__name__}: {exc}"
                 if world.is_root and cfg.progress:
                     log.info("epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  "
                              "%.0f img/s", epoch, cfg.epochs, row["loss"], row["accuracy"],
@@ -787,6 +798,10 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                 pending_stop = stop_now
                 phase = "agree"
             if phase == "agree":
+                if world.size > 1:  # only the root writes: tell the others if it failed
+                    write_error = world.bcast_object(write_error)
+                if write_error is not None:
+                    raise LclsError(write_error, os.path.join(out_dir, CHECKPOINT_DIR))
                 agreed = world.agree(pending_stop) if world.size > 1 else pending_stop
                 pending_stop = False
                 if agreed:
