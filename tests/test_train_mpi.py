@@ -7,6 +7,7 @@ same weights, bitwise, as the uninterrupted run.
 """
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,15 @@ def test_sigterm_to_launcher_checkpoints_and_resume_is_bitwise(data, np2, tmp_pa
     mid = [n for n in os.listdir(out / "checkpoints") if "-step-" in n]
     assert len(mid) == 1, os.listdir(out / "checkpoints")
     assert "by SIGUSR1" in stdout                  # relayed by the launcher
+    # a damaged best.npz (read by rank 0 alone) stops both ranks with one clear line
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    (bad / "checkpoints" / "best.npz").write_bytes(b"PK\x03\x04 torn")
+    broken = run([str(bad) if a == str(out) else a for a in resume[1:]], tmp_path, timeout=120)
+    assert broken.returncode == 1, broken.stderr[-3000:]
+    errors = [ln for ln in broken.stderr.splitlines() if "lcls-dl: error:" in ln]
+    assert {ln[:5] for ln in errors} == {"[1,0]", "[1,1]"}
+    assert all("best.npz" in ln for ln in errors), errors
     again = run(resume[1:], tmp_path, timeout=120, LCLS_DL_DEBUG_WEIGHTS=dbg)
     assert again.returncode == 0, again.stderr[-3000:]
     meta = model_json(out)

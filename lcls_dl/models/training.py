@@ -627,9 +627,19 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     best_vars = None
     if state["best_epoch"] and out_dir:
         best_path = os.path.join(out_dir, CHECKPOINT_DIR, "best.npz")
+        best_error = None
         if world.is_root:
-            best_vars = load_checkpoint(best_path)[0]
-        best_vars = world.bcast_object(best_vars) if world.size > 1 else best_vars
+            try:
+                best_vars = load_checkpoint(best_path)[0]
+            except LclsError as exc:  # the others must not wait for weights that never come
+                best_error = exc
+        if world.size > 1:
+            best_vars, message = world.bcast_object(
+                (best_vars, None if best_error is None else str(best_error)))
+            if message is not None and best_error is None:
+                raise InputError(f"rank 0 cannot read the best checkpoint: {message}", best_path)
+        if best_error is not None:
+            raise best_error
 
     from ..cli.common import progress
 
