@@ -1,4 +1,5 @@
-/* lcls-dl C kernels: fused per-frame accumulation and peak finding.
+/* lcls-dl C kernels: fused per-frame accumulation, radial-profile pass,
+ * per-panel common mode and peak finding.
  * See lcls_kernels.h for the contracts and lcls_dl/ingest/kernels.py for the
  * numpy reference implementation that defines the semantics.
  */
@@ -6,6 +7,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 #if defined(__SSE2__) && defined(__x86_64__)
 #include <emmintrin.h>
@@ -20,332 +22,631 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
       (offset_px ? (double)offset_px[i] : offset)) *                         \
      (scale_px ? (double)scale_px[i] : scale))
 
+/* chunk code: bin << 4 | (length - 1) */
+#define CHUNK_BIN(c) ((int64_t)((c) >> 4))
+#define CHUNK_LEN(c) ((int64_t)((c) & 15u) + 1)
+
+/* per-bin integer work of the fused pass: sum, sum of squares, count, max raw */
+#define W_SUM 0
+#define W_SQ 1
+#define W_CNT 2
+#define W_MAX 3
+#define W_NONE INT64_MIN
+
+/* Software prefetch distance (pixels) of the SIMD loops: they consume a frame
+ * too slowly for the hardware prefetcher to keep ahead (measured: -25 % time
+ * per frame with frames streaming from memory). A prefetch never faults, and
+ * the address is computed as an integer. */
+#define PREFETCH_PX 768
+#if defined(__GNUC__)
+#define PREFETCH_FRAME(f, s)                                                   \
+    __builtin_prefetch((const void *)((uintptr_t)((f) + (s)) + sizeof(*(f)) * PREFETCH_PX))
+#else
+#define PREFETCH_FRAME(f, s) ((void)0)
+#endif
+
 /* Candidate spans: pixel ranges within one bin holding at least one pixel
  * above cand_thr, with their largest (non-excluded) photon value. */
 struct lcls_spans {
-    int32_t *start, *len;
+    int32_t *start, *len, *bin;
     double *max;
 };
 
-#define EMIT_SPAN(S, L, M)                                                    \
-    do {                                                                      \
-        sp->start[ns] = (int32_t)(S);                                         \
-        sp->len[ns] = (int32_t)(L);                                           \
-        sp->max[ns] = (M);                                                    \
-        ns++;                                                                 \
-    } while (0)
-
-/* Largest included value per bin (the polar image's max-SNR channel). */
-#define BMAX(B, M) do { if ((M) > bmax[B]) bmax[B] = (M); } while (0)
-
-/* One run of pixels [s, s + len) sharing bin b. Fast path: sums, squares and
- * max with two independent chains; a run holding a hot or non-finite pixel is
- * redone pixel by pixel (exclusions); a run whose max exceeds cand_thr is a
- * candidate span. */
-#define DEFINE_ACC(NAME, CONV, T)                                             \
-    static void NAME(const void *restrict frame, int64_t n_runs,              \
-                     const int32_t *restrict run_start,                       \
-                     const int32_t *restrict run_len,                         \
-                     const int32_t *restrict run_bin,                         \
-                     const float *restrict offset_px,                         \
-                     const float *restrict scale_px,                          \
-                     double offset, double scale, double hot,                 \
-                     double cand_thr, double *restrict sum,                   \
-                     double *restrict sumsq, int32_t *restrict excluded,      \
-                     double *restrict bmax,                                   \
-                     struct lcls_spans *sp, int64_t *counts, double *vmax)   \
-    {                                                                         \
-        (void)offset_px; (void)scale_px;                                      \
-        double vm = -HUGE_VAL;                                                \
-        int64_t ns = 0, nl = 0, nnf = 0;                                              \
-        for (int64_t r = 0; r < n_runs; r++) {                                \
-            const int64_t s = run_start[r], e = s + run_len[r];               \
-            const int32_t b = run_bin[r];                                     \
-            double a0 = 0.0, a1 = 0.0, q0 = 0.0, q1 = 0.0;                    \
-            double m0 = -HUGE_VAL, m1 = -HUGE_VAL;                            \
-            int64_t i = s;                                                    \
-            for (; i + 2 <= e; i += 2) {                                      \
-                const double v0 = CONV(T, i), v1 = CONV(T, i + 1);            \
-                a0 += v0; a1 += v1;                                           \
-                q0 += v0 * v0; q1 += v1 * v1;                                 \
-                m0 = v0 > m0 ? v0 : m0; m1 = v1 > m1 ? v1 : m1;               \
-            }                                                                 \
-            if (i < e) {                                                      \
-                const double v0 = CONV(T, i);                                 \
-                a0 += v0; q0 += v0 * v0; m0 = v0 > m0 ? v0 : m0;              \
-            }                                                                 \
-            const double m = m0 > m1 ? m0 : m1;                               \
-            const double a = a0 + a1, q = q0 + q1;                            \
-            if (!(m <= hot) || !isfinite(a) || !isfinite(q)) {                \
-                double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;                    \
-                for (i = s; i < e; i++) {                                     \
-                    const double v = CONV(T, i);                              \
-                    if (v <= hot && v >= -DBL_MAX) {                          \
-                        ps += v; pq += v * v; pm = v > pm ? v : pm;           \
-                        nl += (v > cand_thr);                                 \
-                    } else {                                                  \
-                        excluded[b]++;                                        \
-                        nnf += !isfinite(v);                                  \
-                    }                                                         \
-                }                                                             \
-                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm; BMAX(b, pm);         \
-                if (pm > cand_thr) EMIT_SPAN(s, e - s, pm);         \
-                continue;                                                     \
-            }                                                                 \
-            if (m > cand_thr) {                                               \
-                for (i = s; i < e; i++) {                                     \
-                    nl += (CONV(T, i) > cand_thr);                            \
-                }                                                             \
-                EMIT_SPAN(s, e - s, m);                                       \
-            }                                                                 \
-            sum[b] += a; sumsq[b] += q;                                       \
-            vm = m > vm ? m : vm; BMAX(b, m);                                 \
-        }                                                                     \
-        *vmax = vm;                                                           \
-        counts[0] = ns; counts[1] = nl; counts[2] = nnf;                      \
-    }
-
-/* Small integer frames with a scalar offset and scale > 0: sum the raw values
- * and their squares exactly in int64 per run (vectorisable, no conversion per
- * pixel) and convert once per run. The max raw value gives the run's max
- * photon value exactly, so the hot check and candidate test are unchanged. */
-#define DEFINE_ACC_INT(NAME, T)                                               \
-    static void NAME(const void *restrict frame, int64_t n_runs,              \
-                     const int32_t *restrict run_start,                       \
-                     const int32_t *restrict run_len,                         \
-                     const int32_t *restrict run_bin,                         \
-                     double offset, double scale, double hot,                 \
-                     double cand_thr, double *restrict sum,                   \
-                     double *restrict sumsq, int32_t *restrict excluded,      \
-                     double *restrict bmax,                                   \
-                     struct lcls_spans *sp, int64_t *counts, double *vmax)   \
-    {                                                                         \
-        const T *restrict f = (const T *)frame;                               \
-        double vm = -HUGE_VAL;                                                \
-        int64_t ns = 0, nl = 0;                                                       \
-        for (int64_t r = 0; r < n_runs; r++) {                                \
-            const int64_t s = run_start[r], len = run_len[r], e = s + len;    \
-            const int32_t b = run_bin[r];                                     \
-            int64_t a = 0, q = 0;                                             \
-            int32_t m = f[s];                                                 \
-            for (int64_t i = s; i < e; i++) {                                 \
-                const int32_t x = f[i];                                       \
-                a += x;                                                       \
-                q += (int64_t)(x * x);                                        \
-                m = x > m ? x : m;                                            \
-            }                                                                 \
-            const double v_m = ((double)m - offset) * scale;                  \
-            if (!(v_m <= hot)) {                                              \
-                double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;                    \
-                for (int64_t i = s; i < e; i++) {                             \
-                    const double v = ((double)f[i] - offset) * scale;         \
-                    if (v <= hot) {                                           \
-                        ps += v; pq += v * v; pm = v > pm ? v : pm;           \
-                        nl += (v > cand_thr);                                 \
-                    } else {                                                  \
-                        excluded[b]++;                                        \
-                    }                                                         \
-                }                                                             \
-                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm; BMAX(b, pm);         \
-                if (pm > cand_thr) EMIT_SPAN(s, e - s, pm);         \
-                continue;                                                     \
-            }                                                                 \
-            if (v_m > cand_thr) {                                             \
-                for (int64_t i = s; i < e; i++) {                             \
-                    nl += (((double)f[i] - offset) * scale > cand_thr);       \
-                }                                                             \
-                EMIT_SPAN(s, len, v_m);                                       \
-            }                                                                 \
-            const double da = (double)a, dl = (double)len;                    \
-            sum[b] += (da - dl * offset) * scale;                             \
-            sumsq[b] += (((double)q - 2.0 * offset * da) + dl * offset * offset) \
-                        * (scale * scale);                                    \
-            vm = v_m > vm ? v_m : vm; BMAX(b, v_m);                           \
-        }                                                                     \
-        *vmax = vm;                                                           \
-        counts[0] = ns; counts[1] = nl; counts[2] = 0;                        \
-    }
-
-DEFINE_ACC_INT(acc_int_u8, uint8_t)
-DEFINE_ACC_INT(acc_int_i8, int8_t)
-DEFINE_ACC_INT(acc_int_u16, uint16_t)
-DEFINE_ACC_INT(acc_int_i16, int16_t)
-
-#ifdef LCLS_HAVE_SSE2
-/* uint16 frames (the common case), scalar offset and scale > 0: each run is
- * taken in chunks of up to 16 pixels with two 128-bit loads and a lane mask;
- * sums, sums of squares (exact, int64) and the max come from SSE2 reductions,
- * so a chunk costs no data-dependent branch. Values are biased by -32768 to
- * use the signed 16-bit instructions; the bias is removed exactly. */
-/* portable popcount (no -mpopcnt in the build flags: avoid the libgcc call) */
-static inline int popcount32(uint32_t x)
+/* Smallest raw value g in [lo, hi] whose photon value (g - offset) * scale
+ * exceeds thr, hi + 1 when none (scale > 0: monotonic in g). The comparison
+ * is the one of the reference, so raw-value tests are exact. */
+static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
+                         int64_t hi)
 {
-    x = x - ((x >> 1) & 0x55555555u);
-    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
-    x = (x + (x >> 4)) & 0x0F0F0F0Fu;
-    return (int)((x * 0x01010101u) >> 24);
+#define V(g) (((double)(g) - offset) * scale)
+    if (thr != thr) return hi + 1;
+    const double guess = floor(thr / scale + offset);
+    int64_t g = !(guess > (double)lo) ? lo
+                : guess > (double)hi ? hi + 1 : (int64_t)guess;
+    while (g > lo && V(g - 1) > thr) g--;
+    while (g <= hi && !(V(g) > thr)) g++;
+    return g;
+#undef V
 }
 
+/* --------------------------------------------------- integer frames, exact */
+
+/* One chunk of an integer frame, pixel by pixel: raw values above raw_hot are
+ * excluded, those >= raw_cand are lit. */
+#define DEFINE_CHUNK_INT(NAME, T)                                             \
+    static inline void NAME(const T *restrict f, int64_t s, int64_t len,      \
+                            int64_t b, int64_t raw_hot, int64_t raw_cand,     \
+                            int64_t *restrict w, int32_t *restrict excluded,  \
+                            double offset, double scale,                      \
+                            struct lcls_spans *sp, int64_t *ns, int64_t *nl)  \
+    {                                                                         \
+        int64_t a = 0, q = 0, c = 0, m = W_NONE, lit = 0;                     \
+        for (int64_t i = s; i < s + len; i++) {                               \
+            const int64_t x = f[i];                                           \
+            if (x <= raw_hot) {                                               \
+                a += x; q += x * x; c++;                                      \
+                m = x > m ? x : m;                                            \
+                lit += x >= raw_cand;                                         \
+            } else {                                                          \
+                excluded[b]++;                                                \
+            }                                                                 \
+        }                                                                     \
+        int64_t *wb = w + 4 * b;                                              \
+        wb[W_SUM] += a; wb[W_SQ] += q; wb[W_CNT] += c;                        \
+        wb[W_MAX] = m > wb[W_MAX] ? m : wb[W_MAX];                            \
+        *nl += lit;                                                           \
+        if (lit) {                                                            \
+            sp->start[*ns] = (int32_t)s;                                      \
+            sp->len[*ns] = (int32_t)len;                                      \
+            sp->bin[*ns] = (int32_t)b;                                        \
+            sp->max[*ns] = ((double)m - offset) * scale;                      \
+            (*ns)++;                                                          \
+        }                                                                     \
+    }                                                                         \
+    static void NAME##_all(const void *frame, int64_t k0, int64_t k1,         \
+                           const int32_t *restrict cs,                        \
+                           const uint32_t *restrict cc, int64_t raw_hot,      \
+                           int64_t raw_cand, int64_t *restrict w,             \
+                           int32_t *restrict excluded, double offset,         \
+                           double scale, struct lcls_spans *sp, int64_t *ns,  \
+                           int64_t *nl)                                       \
+    {                                                                         \
+        for (int64_t k = k0; k < k1; k++)                                     \
+            NAME((const T *)frame, cs[k], CHUNK_LEN(cc[k]), CHUNK_BIN(cc[k]), \
+                 raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);  \
+    }
+
+DEFINE_CHUNK_INT(chunk_u8, uint8_t)
+DEFINE_CHUNK_INT(chunk_i8, int8_t)
+DEFINE_CHUNK_INT(chunk_u16, uint16_t)
+DEFINE_CHUNK_INT(chunk_i16, int16_t)
+
+
+/* Profile only: sums and counts of included raw values per bin. */
+#define DEFINE_PCHUNK_INT(NAME, T)                                            \
+    static void NAME(const void *frame, int64_t k0, int64_t k1,               \
+                     const int32_t *restrict cs, const uint32_t *restrict cc, \
+                     int64_t raw_hot, int64_t *restrict w,                    \
+                     int32_t *restrict excluded)                              \
+    {                                                                         \
+        const T *restrict f = (const T *)frame;                               \
+        for (int64_t k = k0; k < k1; k++) {                                   \
+            const int64_t s = cs[k], e = s + CHUNK_LEN(cc[k]);                \
+            const int64_t b = CHUNK_BIN(cc[k]);                               \
+            int64_t a = 0, c = 0;                                             \
+            for (int64_t i = s; i < e; i++) {                                 \
+                const int64_t x = f[i];                                       \
+                if (x <= raw_hot) { a += x; c++; } else excluded[b]++;        \
+            }                                                                 \
+            w[2 * b] += a; w[2 * b + 1] += c;                                 \
+        }                                                                     \
+    }
+
+DEFINE_PCHUNK_INT(pchunk_u8, uint8_t)
+DEFINE_PCHUNK_INT(pchunk_i8, int8_t)
+DEFINE_PCHUNK_INT(pchunk_u16, uint16_t)
+DEFINE_PCHUNK_INT(pchunk_i16, int16_t)
+
+#ifdef LCLS_HAVE_SSE2
+/* uint16 frames (the common case): a chunk is read with two 128-bit loads and
+ * a lane mask. When all its raw values are <= small (<= 16383 and not hot)
+ * the sums (exact in 32-bit lanes), sum of squares, max and lit lanes come
+ * from SSE2 reductions with no data-dependent branch; other chunks go pixel by
+ * pixel. Needs 0 <= raw_hot and 1 <= raw_cand; chunks [0, n_fast) must not
+ * read past the frame. */
 static const uint16_t lane_mask_src[32] = {
     0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF,
     0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
 
-static void acc_sse_u16(const void *restrict frame, int64_t n_pixels,
-                        int64_t n_runs, const int32_t *restrict run_start,
-                        const int32_t *restrict run_len,
-                        const int32_t *restrict run_bin, double offset,
-                        double scale, double hot, double cand_thr,
-                        double *restrict sum, double *restrict sumsq,
-                        int32_t *restrict excluded, double *restrict bmax,
-                        struct lcls_spans *sp,
-                        int64_t *counts, double *vmax)
+/* a chunk of the SIMD loops that needs the exact pixel-by-pixel path (rare:
+ * kept out of line so that the loops keep their state in registers) */
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+static void chunk_u16_slow(const uint16_t *f, int64_t s, int64_t len, int64_t b,
+                           int64_t raw_hot, int64_t raw_cand, int64_t *w,
+                           int32_t *excluded, double offset, double scale,
+                           struct lcls_spans *sp, int64_t *ns, int64_t *nl)
 {
-    const uint16_t *restrict f = (const uint16_t *)frame;
-    const __m128i bias = _mm_set1_epi16((short)0x8000);
-    const __m128i ones = _mm_set1_epi16(1);
-    const __m128i zero = _mm_setzero_si128();
-    const double scale2 = scale * scale, off2 = offset * offset;
-    /* smallest raw value whose photon value exceeds cand_thr (monotonic in raw) */
-    int32_t raw_cand = 65536;
-    if (cand_thr < HUGE_VAL) {
-        double guess = floor(cand_thr / scale + offset) - 2.0;
-        int32_t g = guess < 0.0 ? 0 : guess > 65536.0 ? 65536 : (int32_t)guess;
-        while (g > 0 && ((double)(g - 1) - offset) * scale > cand_thr) g--;
-        while (g < 65536 && !(((double)g - offset) * scale > cand_thr)) g++;
-        raw_cand = g;
-    }
-    /* biased compare value: lane > cmp  <=>  raw >= raw_cand (raw_cand >= 1) */
-    const __m128i cand_cmp = _mm_set1_epi16((short)((raw_cand - 1 - 32768) & 0xFFFF));
-    double vm = -HUGE_VAL;
-    int64_t ns = 0, nl = 0;
-    for (int64_t r = 0; r < n_runs; r++) {
-        const int64_t e = (int64_t)run_start[r] + run_len[r];
-        const int32_t b = run_bin[r];
-        for (int64_t s = run_start[r]; s < e; s += 16) {
-            const int64_t len = e - s < 16 ? e - s : 16;
-            int64_t a, q;
-            int32_t m;
-            uint32_t lanes = 0; /* 2 bits per candidate pixel, when known */
-            if (s + 16 <= n_pixels) {
-                const __m128i mlo = _mm_loadu_si128((const __m128i *)(lane_mask_src + 16 - len));
-                const __m128i mhi = _mm_loadu_si128((const __m128i *)(lane_mask_src + 24 - len));
-                __m128i lo = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s)), mlo);
-                __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
-                lo = _mm_xor_si128(lo, bias); /* raw - 32768, masked lanes -32768 */
-                hi = _mm_xor_si128(hi, bias);
-                __m128i mx = _mm_max_epi16(lo, hi);
-                mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 8));
-                mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 4));
-                mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 2));
-                m = (int32_t)(int16_t)_mm_cvtsi128_si32(mx) + 32768;
-                __m128i s32 = _mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones));
-                s32 = _mm_add_epi32(s32, _mm_srli_si128(s32, 8));
-                s32 = _mm_add_epi32(s32, _mm_srli_si128(s32, 4));
-                const int64_t sb = _mm_cvtsi128_si32(s32); /* sum of biased values */
-                /* pair sums of squares are <= 2^31: unsigned 32-bit, widen to 64 */
-                const __m128i q1 = _mm_madd_epi16(lo, lo), q2 = _mm_madd_epi16(hi, hi);
-                __m128i q64 = _mm_add_epi64(
-                    _mm_add_epi64(_mm_unpacklo_epi32(q1, zero), _mm_unpackhi_epi32(q1, zero)),
-                    _mm_add_epi64(_mm_unpacklo_epi32(q2, zero), _mm_unpackhi_epi32(q2, zero)));
-                q64 = _mm_add_epi64(q64, _mm_srli_si128(q64, 8));
-                const int64_t qb = (int64_t)_mm_cvtsi128_si64(q64);
-                a = sb + 16 * 32768;                       /* masked lanes add 0 */
-                q = qb + 65536 * sb + 16 * ((int64_t)1 << 30);
-                if (raw_cand >= 1 && m >= raw_cand) {
-                    lanes = (uint32_t)_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi16(lo, cand_cmp), mlo)) |
-                            ((uint32_t)_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi16(hi, cand_cmp), mhi)) << 16);
-                }
-            } else { /* last pixels of the frame: no reads past its end */
-                a = 0; q = 0; m = 0;
-                for (int64_t i = s; i < s + len; i++) {
-                    const int32_t x = f[i];
-                    a += x; q += (int64_t)x * x; m = x > m ? x : m;
-                }
-            }
-            const double v_m = ((double)m - offset) * scale;
-            if (!(v_m <= hot)) {
-                double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;
-                for (int64_t i = s; i < s + len; i++) {
-                    const double v = ((double)f[i] - offset) * scale;
-                    if (v <= hot) {
-                        ps += v; pq += v * v; pm = v > pm ? v : pm;
-                        nl += (v > cand_thr);
-                    } else {
-                        excluded[b]++;
-                    }
-                }
-                sum[b] += ps; sumsq[b] += pq; vm = pm > vm ? pm : vm; BMAX(b, pm);
-                if (pm > cand_thr) EMIT_SPAN(s, len, pm);
-                continue;
-            }
-            if (lanes) {
-                nl += popcount32(lanes) >> 1;
-                EMIT_SPAN(s, len, v_m);
-            } else if (v_m > cand_thr) {
-                for (int64_t i = s; i < s + len; i++) {
-                    nl += (((double)f[i] - offset) * scale > cand_thr);
-                }
-                EMIT_SPAN(s, len, v_m);
-            }
-            const double da = (double)a, dl = (double)len;
-            sum[b] += (da - dl * offset) * scale;
-            sumsq[b] += (((double)q - 2.0 * offset * da) + dl * off2) * scale2;
-            vm = v_m > vm ? v_m : vm; BMAX(b, v_m);
+    chunk_u16(f, s, len, b, raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);
+}
+
+static inline int64_t hsum_epi32(__m128i x)
+{
+    x = _mm_add_epi32(x, _mm_srli_si128(x, 8));
+    x = _mm_add_epi32(x, _mm_srli_si128(x, 4));
+    return (int64_t)_mm_cvtsi128_si32(x);
+}
+
+static void acc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
+                        const int32_t *restrict cs, const uint32_t *restrict cc,
+                        int64_t raw_hot, int64_t raw_cand, int64_t *restrict w,
+                        int32_t *restrict excluded, double offset, double scale,
+                        struct lcls_spans *sp, int64_t *ns_io, int64_t *nl_io)
+{
+    const __m128i zero = _mm_setzero_si128(), ones = _mm_set1_epi16(1);
+    const int64_t small = raw_hot < 16383 ? raw_hot : 16383;
+    const __m128i smallv = _mm_set1_epi16((short)(uint16_t)small);
+    const __m128i candm1 = _mm_set1_epi16((short)(uint16_t)(raw_cand - 1));
+    __m128i notlit = zero; /* minus the not-lit lanes of the fast chunks */
+    int32_t *restrict span_start = sp->start, *restrict span_len = sp->len;
+    int32_t *restrict span_bin = sp->bin;
+    double *restrict span_max = sp->max;
+    int64_t ns = *ns_io, nl = *nl_io, n_slow = 0;
+    for (int64_t k = 0; k < n_fast; k++) {
+        const int64_t s = cs[k];
+        const uint32_t code = cc[k];
+        const int64_t b = CHUNK_BIN(code), len = CHUNK_LEN(code);
+        PREFETCH_FRAME(f, s);
+        const __m128i mlo = _mm_loadu_si128((const __m128i *)(lane_mask_src + 16 - len));
+        const __m128i mhi = _mm_loadu_si128((const __m128i *)(lane_mask_src + 24 - len));
+        const __m128i lo = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s)), mlo);
+        const __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
+        const __m128i over = _mm_or_si128(_mm_subs_epu16(lo, smallv), _mm_subs_epu16(hi, smallv));
+        if (_mm_movemask_epi8(_mm_cmpeq_epi16(over, zero)) != 0xFFFF) {
+            chunk_u16_slow(f, s, len, b, raw_hot, raw_cand, w, excluded, offset,
+                           scale, sp, &ns, &nl);
+            n_slow++;
+            continue;
         }
+        /* all lanes <= 16383: signed 16-bit arithmetic is exact */
+        const __m128i s4 = _mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones));
+        const __m128i q4 = _mm_add_epi32(_mm_madd_epi16(lo, lo), _mm_madd_epi16(hi, hi));
+        __m128i t = _mm_add_epi32(_mm_unpacklo_epi64(s4, q4), _mm_unpackhi_epi64(s4, q4));
+        t = _mm_add_epi32(t, _mm_srli_si128(t, 4)); /* lane 0: sum, lane 2: squares */
+        const int64_t a = (int64_t)_mm_cvtsi128_si32(t);
+        const int64_t q = (int64_t)(uint32_t)_mm_cvtsi128_si32(_mm_srli_si128(t, 8));
+        __m128i mx = _mm_max_epi16(lo, hi);
+        mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 8));
+        mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 4));
+        mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 2));
+        const int64_t m = (int64_t)(int16_t)_mm_cvtsi128_si32(mx);
+        /* not lit: raw <= raw_cand - 1 (masked lanes are 0: never lit) */
+        const __m128i dl = _mm_cmpeq_epi16(_mm_subs_epu16(lo, candm1), zero);
+        const __m128i dh = _mm_cmpeq_epi16(_mm_subs_epu16(hi, candm1), zero);
+        notlit = _mm_add_epi32(notlit, _mm_madd_epi16(_mm_add_epi16(dl, dh), ones));
+        const int has_lit = _mm_movemask_epi8(_mm_and_si128(dl, dh)) != 0xFFFF;
+        int64_t *wb = w + 4 * b;
+        wb[W_SUM] += a; wb[W_SQ] += q; wb[W_CNT] += len;
+        wb[W_MAX] = m > wb[W_MAX] ? m : wb[W_MAX];
+        span_start[ns] = (int32_t)s; /* written always, kept when lit */
+        span_len[ns] = (int32_t)len;
+        span_bin[ns] = (int32_t)b;
+        span_max[ns] = ((double)m - offset) * scale;
+        ns += has_lit;
     }
-    *vmax = vm;
-    counts[0] = ns; counts[1] = nl; counts[2] = 0;
+    *ns_io = ns;
+    *nl_io = nl + 16 * (n_fast - n_slow) + hsum_epi32(notlit);
+}
+
+/* profile only: sums of raw values per bin (chunks whose raw values are all
+ * <= small = min(raw_hot, 32767)), the others pixel by pixel */
+static void pacc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
+                         const int32_t *restrict cs, const uint32_t *restrict cc,
+                         int64_t raw_hot, int64_t *restrict w,
+                         int32_t *restrict excluded)
+{
+    const __m128i zero = _mm_setzero_si128(), ones = _mm_set1_epi16(1);
+    const int64_t small = raw_hot < 32767 ? raw_hot : 32767;
+    const __m128i smallv = _mm_set1_epi16((short)(uint16_t)small);
+    for (int64_t k = 0; k < n_fast; k++) {
+        const int64_t s = cs[k];
+        const uint32_t code = cc[k];
+        const int64_t b = CHUNK_BIN(code), len = CHUNK_LEN(code);
+        PREFETCH_FRAME(f, s);
+        const __m128i mlo = _mm_loadu_si128((const __m128i *)(lane_mask_src + 16 - len));
+        const __m128i mhi = _mm_loadu_si128((const __m128i *)(lane_mask_src + 24 - len));
+        const __m128i lo = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s)), mlo);
+        const __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
+        const __m128i over = _mm_or_si128(_mm_subs_epu16(lo, smallv), _mm_subs_epu16(hi, smallv));
+        if (_mm_movemask_epi8(_mm_cmpeq_epi16(over, zero)) != 0xFFFF) {
+            pchunk_u16(f, k, k + 1, cs, cc, raw_hot, w, excluded);
+            continue;
+        }
+        w[2 * b] += hsum_epi32(_mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones)));
+        w[2 * b + 1] += len;
+    }
 }
 #endif
 
-#define DEFINE_ACC_PAIR(SUFFIX, T)                                            \
-    DEFINE_ACC(acc_s_##SUFFIX, CONV_SCALAR, T)                                \
-    DEFINE_ACC(acc_p_##SUFFIX, CONV_PIXEL, T)
+#if defined(LCLS_HAVE_SSE2) && defined(__GNUC__)
+/* The same two kernels with AVX2 (one 256-bit load per chunk), chosen at run
+ * time when the CPU has it; the build needs no -mavx2. */
+#define LCLS_HAVE_AVX2 1
+#include <immintrin.h>
 
-DEFINE_ACC_PAIR(u8, uint8_t)
-DEFINE_ACC_PAIR(i8, int8_t)
-DEFINE_ACC_PAIR(u16, uint16_t)
-DEFINE_ACC_PAIR(i16, int16_t)
-DEFINE_ACC_PAIR(u32, uint32_t)
-DEFINE_ACC_PAIR(i32, int32_t)
-DEFINE_ACC_PAIR(f32, float)
-DEFINE_ACC_PAIR(f64, double)
+__attribute__((target("avx2")))
+static void acc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
+                         const int32_t *restrict cs, const uint32_t *restrict cc,
+                         int64_t raw_hot, int64_t raw_cand, int64_t *restrict w,
+                         int32_t *restrict excluded, double offset, double scale,
+                         struct lcls_spans *sp, int64_t *ns_io, int64_t *nl_io)
+{
+    const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+    const int64_t small = raw_hot < 16383 ? raw_hot : 16383;
+    const __m256i smallv = _mm256_set1_epi16((short)(uint16_t)small);
+    const __m256i candm1 = _mm256_set1_epi16((short)(uint16_t)(raw_cand - 1));
+    __m256i notlit = zero;
+    int32_t *restrict span_start = sp->start, *restrict span_len = sp->len;
+    int32_t *restrict span_bin = sp->bin;
+    double *restrict span_max = sp->max;
+    int64_t ns = *ns_io, nl = *nl_io, n_slow = 0;
+    for (int64_t k = 0; k < n_fast; k++) {
+        const int64_t s = cs[k];
+        const uint32_t code = cc[k];
+        const int64_t b = CHUNK_BIN(code), len = CHUNK_LEN(code);
+        PREFETCH_FRAME(f, s);
+        const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask_src + 16 - len));
+        const __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
+        if ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_subs_epu16(x, smallv), zero)) != 0xFFFFFFFFu) {
+            chunk_u16_slow(f, s, len, b, raw_hot, raw_cand, w, excluded, offset,
+                           scale, sp, &ns, &nl);
+            n_slow++;
+            continue;
+        }
+        const __m256i s8 = _mm256_madd_epi16(x, ones), q8 = _mm256_madd_epi16(x, x);
+        __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi64(s8, q8), _mm256_unpackhi_epi64(s8, q8));
+        t = _mm256_add_epi32(t, _mm256_srli_si256(t, 4));
+        const __m128i t2 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        const int64_t a = (int64_t)_mm_cvtsi128_si32(t2);
+        const int64_t q = (int64_t)(uint32_t)_mm_cvtsi128_si32(_mm_srli_si128(t2, 8));
+        __m128i mx = _mm_max_epi16(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+        mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 8));
+        mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 4));
+        mx = _mm_max_epi16(mx, _mm_srli_si128(mx, 2));
+        const int64_t mraw = (int64_t)(int16_t)_mm_cvtsi128_si32(mx);
+        const __m256i d = _mm256_cmpeq_epi16(_mm256_subs_epu16(x, candm1), zero);
+        notlit = _mm256_add_epi32(notlit, _mm256_madd_epi16(d, ones));
+        const int has_lit = (uint32_t)_mm256_movemask_epi8(d) != 0xFFFFFFFFu;
+        int64_t *wb = w + 4 * b;
+        wb[W_SUM] += a; wb[W_SQ] += q; wb[W_CNT] += len;
+        wb[W_MAX] = mraw > wb[W_MAX] ? mraw : wb[W_MAX];
+        span_start[ns] = (int32_t)s; /* written always, kept when lit */
+        span_len[ns] = (int32_t)len;
+        span_bin[ns] = (int32_t)b;
+        span_max[ns] = ((double)mraw - offset) * scale;
+        ns += has_lit;
+    }
+    const __m128i nl4 = _mm_add_epi32(_mm256_castsi256_si128(notlit), _mm256_extracti128_si256(notlit, 1));
+    *ns_io = ns;
+    *nl_io = nl + 16 * (n_fast - n_slow) + hsum_epi32(nl4);
+}
+
+__attribute__((target("avx2")))
+static void pacc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
+                          const int32_t *restrict cs, const uint32_t *restrict cc,
+                          int64_t raw_hot, int64_t *restrict w,
+                          int32_t *restrict excluded)
+{
+    const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+    const int64_t small = raw_hot < 32767 ? raw_hot : 32767;
+    const __m256i smallv = _mm256_set1_epi16((short)(uint16_t)small);
+    for (int64_t k = 0; k < n_fast; k++) {
+        const int64_t s = cs[k];
+        const uint32_t code = cc[k];
+        const int64_t b = CHUNK_BIN(code), len = CHUNK_LEN(code);
+        PREFETCH_FRAME(f, s);
+        const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask_src + 16 - len));
+        const __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
+        if ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_subs_epu16(x, smallv), zero)) != 0xFFFFFFFFu) {
+            pchunk_u16(f, k, k + 1, cs, cc, raw_hot, w, excluded);
+            continue;
+        }
+        const __m256i s8 = _mm256_madd_epi16(x, ones);
+        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        w[2 * b] += hsum_epi32(s4);
+        w[2 * b + 1] += len;
+    }
+}
+
+static int have_avx2(void)
+{
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return known;
+}
+#endif
+
+/* SIMD level cap (tests run every path on any machine) */
+static int simd_cap = 2;
+
+static int simd_level(void)
+{
+    int level = 0;
+#ifdef LCLS_HAVE_SSE2
+    level = 1;
+#ifdef LCLS_HAVE_AVX2
+    if (have_avx2()) level = 2;
+#endif
+#endif
+    return level < simd_cap ? level : simd_cap;
+}
+
+int lcls_simd_level(int max_level)
+{
+    if (max_level >= 0) simd_cap = max_level;
+    return simd_level();
+}
+
+
+#ifdef LCLS_HAVE_SSE2
+/* Chunks [0, n_fast) start at least 16 pixels before the frame's end. */
+static int64_t fast_chunks(const int32_t *cs, int64_t n_chunks, int64_t n_pixels)
+{
+    int64_t k = n_chunks;
+    while (k > 0 && (int64_t)cs[k - 1] + 16 > n_pixels) k--;
+    return k;
+}
+#endif
+
+/* Integer frame with a scalar offset and scale > 0 whose photon values are
+ * finite: the exact integer paths apply. Sets the raw range of the dtype. */
+static int int_path(int dtype, const float *offset_px, const float *scale_px,
+                    double offset, double scale, int64_t *lo, int64_t *hi)
+{
+    static const int64_t los[4] = {0, -128, 0, -32768};
+    static const int64_t his[4] = {255, 127, 65535, 32767};
+    if (offset_px || scale_px || !(scale > 0) || dtype < LCLS_U8 || dtype > LCLS_I16)
+        return 0;
+    *lo = los[dtype];
+    *hi = his[dtype];
+    return isfinite(((double)*lo - offset) * scale) && isfinite(((double)*hi - offset) * scale);
+}
+
+/* ------------------------------------------- any dtype, float64 arithmetic */
+
+#define DEFINE_ACC_DBL(NAME, CONV, T)                                         \
+    static void NAME(const void *restrict frame, int64_t n_chunks,            \
+                     const int32_t *restrict cs, const uint32_t *restrict cc, \
+                     const float *restrict offset_px,                         \
+                     const float *restrict scale_px, double offset,           \
+                     double scale, double hot, double cand_thr,               \
+                     double *restrict sum, double *restrict sumsq,            \
+                     int32_t *restrict excluded, double *restrict bmax,       \
+                     struct lcls_spans *sp, int64_t *counts)                  \
+    {                                                                         \
+        (void)offset_px; (void)scale_px;                                      \
+        int64_t ns = 0, nl = 0, nnf = 0;                                      \
+        for (int64_t k = 0; k < n_chunks; k++) {                              \
+            const int64_t s = cs[k], e = s + CHUNK_LEN(cc[k]);                \
+            const int64_t b = CHUNK_BIN(cc[k]);                               \
+            double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;                        \
+            int64_t lit = 0;                                                  \
+            for (int64_t i = s; i < e; i++) {                                 \
+                const double v = CONV(T, i);                                  \
+                if (v <= hot && v >= -DBL_MAX) {                              \
+                    ps += v; pq += v * v; pm = v > pm ? v : pm;               \
+                    lit += v > cand_thr;                                      \
+                } else {                                                      \
+                    excluded[b]++;                                            \
+                    nnf += !isfinite(v);                                      \
+                }                                                             \
+            }                                                                 \
+            sum[b] += ps; sumsq[b] += pq;                                     \
+            if (pm > bmax[b]) bmax[b] = pm;                                   \
+            nl += lit;                                                        \
+            if (lit) {                                                        \
+                sp->start[ns] = (int32_t)s;                                   \
+                sp->len[ns] = (int32_t)(e - s);                               \
+                sp->bin[ns] = (int32_t)b;                                     \
+                sp->max[ns] = pm;                                             \
+                ns++;                                                         \
+            }                                                                 \
+        }                                                                     \
+        counts[0] = ns; counts[1] = nl; counts[2] = nnf;                      \
+    }
+
+#define DEFINE_PACC_DBL(NAME, CONV, T)                                        \
+    static void NAME(const void *restrict frame, int64_t n_chunks,            \
+                     const int32_t *restrict cs, const uint32_t *restrict cc, \
+                     const float *restrict offset_px,                         \
+                     const float *restrict scale_px, double offset,           \
+                     double scale, double hot, double *restrict sum,          \
+                     int32_t *restrict excluded, int64_t *counts)             \
+    {                                                                         \
+        (void)offset_px; (void)scale_px;                                      \
+        int64_t nnf = 0;                                                      \
+        for (int64_t k = 0; k < n_chunks; k++) {                              \
+            const int64_t s = cs[k], e = s + CHUNK_LEN(cc[k]);                \
+            const int64_t b = CHUNK_BIN(cc[k]);                               \
+            double ps = 0.0;                                                  \
+            for (int64_t i = s; i < e; i++) {                                 \
+                const double v = CONV(T, i);                                  \
+                if (v <= hot && v >= -DBL_MAX) {                              \
+                    ps += v;                                                  \
+                } else {                                                      \
+                    excluded[b]++;                                            \
+                    nnf += !isfinite(v);                                      \
+                }                                                             \
+            }                                                                 \
+            sum[b] += ps;                                                     \
+        }                                                                     \
+        counts[0] = nnf;                                                      \
+    }
+
+#define DEFINE_DBL_SET(SUFFIX, T)                                             \
+    DEFINE_ACC_DBL(acc_s_##SUFFIX, CONV_SCALAR, T)                            \
+    DEFINE_ACC_DBL(acc_p_##SUFFIX, CONV_PIXEL, T)                             \
+    DEFINE_PACC_DBL(pacc_s_##SUFFIX, CONV_SCALAR, T)                          \
+    DEFINE_PACC_DBL(pacc_p_##SUFFIX, CONV_PIXEL, T)
+
+DEFINE_DBL_SET(u8, uint8_t)
+DEFINE_DBL_SET(i8, int8_t)
+DEFINE_DBL_SET(u16, uint16_t)
+DEFINE_DBL_SET(i16, int16_t)
+DEFINE_DBL_SET(u32, uint32_t)
+DEFINE_DBL_SET(i32, int32_t)
+DEFINE_DBL_SET(f32, float)
+DEFINE_DBL_SET(f64, double)
+
+#ifdef LCLS_HAVE_AVX2
+/* uint16 frames with a per-pixel offset and/or scale (dark frames, gain
+ * maps): a chunk's 16 photon values in four 4-lane float64 vectors (the
+ * reference's arithmetic), sums and max reduced per chunk; a chunk holding a
+ * hot or non-finite pixel is redone pixel by pixel. Chunks [0, n_fast) must
+ * not read past the frame. Updates sum, sumsq, bmax, excluded and the spans;
+ * adds to *ns, *nl, *nnf. */
+__attribute__((target("avx2,popcnt")))
+static void acc_avx2_u16_px(const uint16_t *restrict f, int64_t n_fast,
+                            const int32_t *restrict cs, const uint32_t *restrict cc,
+                            const float *restrict offset_px,
+                            const float *restrict scale_px, double offset,
+                            double scale, double hot, double cand_thr,
+                            double *restrict sum, double *restrict sumsq,
+                            int32_t *restrict excluded, double *restrict bmax,
+                            struct lcls_spans *sp, int64_t *ns_io, int64_t *nl_io,
+                            int64_t *nnf_io)
+{
+    int32_t *restrict span_start = sp->start, *restrict span_len = sp->len;
+    int32_t *restrict span_bin = sp->bin;
+    double *restrict span_max = sp->max;
+    const __m256d hot_v = _mm256_set1_pd(hot), low_v = _mm256_set1_pd(-DBL_MAX);
+    const __m256d cand_v = _mm256_set1_pd(cand_thr), ninf = _mm256_set1_pd(-HUGE_VAL);
+    const __m256d off_s = _mm256_set1_pd(offset), sc_s = _mm256_set1_pd(scale);
+    const __m256i idx0 = _mm256_set_epi64x(3, 2, 1, 0);
+    int64_t ns = *ns_io, nl = *nl_io, nnf = *nnf_io;
+    for (int64_t k = 0; k < n_fast; k++) {
+        const int64_t s = cs[k];
+        const uint32_t code = cc[k];
+        const int64_t b = CHUNK_BIN(code), len = CHUNK_LEN(code);
+        PREFETCH_FRAME(f, s);
+        if (offset_px) PREFETCH_FRAME(offset_px, s);
+        if (scale_px) PREFETCH_FRAME(scale_px, s);
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(f + s));
+        const __m128i r8[2] = {_mm256_castsi256_si128(raw), _mm256_extracti128_si256(raw, 1)};
+        const __m256i len_v = _mm256_set1_epi64x(len);
+        __m256d a = _mm256_setzero_pd(), q = _mm256_setzero_pd(), m = ninf;
+        int bad = 0, lit = 0;
+        for (int g = 0; g < 4; g++) {
+            const __m128i r4 = (g & 1) ? _mm_srli_si128(r8[g >> 1], 8) : r8[g >> 1];
+            const __m256d x = _mm256_cvtepi32_pd(_mm_cvtepu16_epi32(r4));
+            const __m256d off = offset_px ? _mm256_cvtps_pd(_mm_loadu_ps(offset_px + s + 4 * g)) : off_s;
+            const __m256d sc = scale_px ? _mm256_cvtps_pd(_mm_loadu_ps(scale_px + s + 4 * g)) : sc_s;
+            const __m256d v = _mm256_mul_pd(_mm256_sub_pd(x, off), sc);
+            const __m256d valid = _mm256_castsi256_pd(
+                _mm256_cmpgt_epi64(len_v, _mm256_add_epi64(idx0, _mm256_set1_epi64x(4 * g))));
+            const __m256d good = _mm256_and_pd(_mm256_cmp_pd(v, hot_v, _CMP_LE_OQ),
+                                               _mm256_cmp_pd(v, low_v, _CMP_GE_OQ));
+            bad |= _mm256_movemask_pd(_mm256_andnot_pd(good, valid));
+            lit += __builtin_popcount((unsigned)_mm256_movemask_pd(
+                _mm256_and_pd(_mm256_cmp_pd(v, cand_v, _CMP_GT_OQ), valid)));
+            const __m256d vz = _mm256_and_pd(v, valid);
+            a = _mm256_add_pd(a, vz);
+            q = _mm256_add_pd(q, _mm256_mul_pd(vz, vz));
+            m = _mm256_max_pd(m, _mm256_blendv_pd(ninf, v, valid));
+        }
+        if (bad) { /* pixel by pixel, with the exclusions */
+            double ps = 0.0, pq = 0.0, pm = -HUGE_VAL;
+            int64_t nlit = 0;
+            for (int64_t i = s; i < s + len; i++) {
+                const double v = ((double)f[i] - (offset_px ? (double)offset_px[i] : offset)) *
+                                 (scale_px ? (double)scale_px[i] : scale);
+                if (v <= hot && v >= -DBL_MAX) {
+                    ps += v; pq += v * v; pm = v > pm ? v : pm;
+                    nlit += v > cand_thr;
+                } else {
+                    excluded[b]++;
+                    nnf += !isfinite(v);
+                }
+            }
+            sum[b] += ps; sumsq[b] += pq;
+            bmax[b] = pm > bmax[b] ? pm : bmax[b];
+            nl += nlit;
+            if (nlit) {
+                span_start[ns] = (int32_t)s; span_len[ns] = (int32_t)len;
+                span_bin[ns] = (int32_t)b; span_max[ns] = pm;
+                ns++;
+            }
+            continue;
+        }
+        __m128d a2 = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+        __m128d q2 = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+        __m128d m2 = _mm_max_pd(_mm256_castpd256_pd128(m), _mm256_extractf128_pd(m, 1));
+        a2 = _mm_add_sd(a2, _mm_unpackhi_pd(a2, a2));
+        q2 = _mm_add_sd(q2, _mm_unpackhi_pd(q2, q2));
+        m2 = _mm_max_sd(m2, _mm_unpackhi_pd(m2, m2));
+        const double pm = _mm_cvtsd_f64(m2);
+        sum[b] += _mm_cvtsd_f64(a2);
+        sumsq[b] += _mm_cvtsd_f64(q2);
+        bmax[b] = pm > bmax[b] ? pm : bmax[b];
+        nl += lit;
+        span_start[ns] = (int32_t)s; /* written always, kept when lit */
+        span_len[ns] = (int32_t)len;
+        span_bin[ns] = (int32_t)b;
+        span_max[ns] = pm;
+        ns += lit > 0;
+    }
+    *ns_io = ns; *nl_io = nl; *nnf_io = nnf;
+}
+#endif
+
+/* ------------------------------------------------------------ entry points */
 
 int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
-                    int64_t n_runs,
-                    const int32_t *run_start, const int32_t *run_len,
-                    const int32_t *run_bin, int32_t n_bins,
+                    int64_t n_chunks, const int32_t *chunk_start,
+                    const uint32_t *chunk_code, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
                     double offset, double scale, double hot, double cand_thr,
                     double *sum, double *sumsq, int32_t *excluded, double *bmax,
+                    int64_t *work,
                     int32_t *span_start, int32_t *span_len, double *span_max,
-                    int64_t *counts, double *vmax)
+                    int32_t *span_bin, int64_t *counts, double *vmax)
 {
-    struct lcls_spans spans = {span_start, span_len, span_max};
-    struct lcls_spans *sp = &spans;
-    const int per_pixel = offset_px != NULL || scale_px != NULL;
+    struct lcls_spans spans = {span_start, span_len, span_bin, span_max};
+    int64_t lo, hi;
+    (void)n_pixels; /* only the SIMD paths need it */
+    if (dtype < LCLS_U8 || dtype > LCLS_F64) return -1;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX; /* +inf pixels are never "not hot" */
-    memset(sum, 0, sizeof(double) * (size_t)n_bins);
-    memset(sumsq, 0, sizeof(double) * (size_t)n_bins);
     memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
-    for (int32_t k = 0; k < n_bins; k++) bmax[k] = -HUGE_VAL;
 
-    if (!per_pixel && scale > 0 && dtype >= LCLS_U8 && dtype <= LCLS_I16) {
-#ifdef LCLS_HAVE_SSE2
-        if (dtype == LCLS_U16) {
-            acc_sse_u16(frame, n_pixels, n_runs, run_start, run_len, run_bin,
-                        offset, scale, hot, cand_thr, sum, sumsq, excluded,
-                        bmax, sp, counts, vmax);
-            return 0;
+    if (int_path(dtype, offset_px, scale_px, offset, scale, &lo, &hi)) {
+        const int64_t raw_hot = raw_above(hot, offset, scale, lo, hi) - 1;
+        const int64_t raw_cand = raw_above(cand_thr, offset, scale, lo, hi);
+        int64_t ns = 0, nl = 0, k0 = 0;
+        for (int32_t b = 0; b < n_bins; b++) {
+            work[4 * b + W_SUM] = work[4 * b + W_SQ] = work[4 * b + W_CNT] = 0;
+            work[4 * b + W_MAX] = W_NONE;
         }
-#else
-        (void)n_pixels;
+#ifdef LCLS_HAVE_SSE2
+        const int level = simd_level();
+        if (level >= 1 && dtype == LCLS_U16 && raw_hot >= 0 && raw_cand >= 1) {
+            k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
+#ifdef LCLS_HAVE_AVX2
+            if (level >= 2)
+                acc_avx2_u16((const uint16_t *)frame, k0, chunk_start, chunk_code, raw_hot,
+                             raw_cand, work, excluded, offset, scale, &spans, &ns, &nl);
+            else
+#endif
+            acc_sse_u16((const uint16_t *)frame, k0, chunk_start, chunk_code, raw_hot,
+                        raw_cand, work, excluded, offset, scale, &spans, &ns, &nl);
+        }
 #endif
 #define DISPATCH(SUFFIX)                                                      \
-    acc_int_##SUFFIX(frame, n_runs, run_start, run_len, run_bin, offset,      \
-                     scale, hot, cand_thr, sum, sumsq, excluded, bmax, sp,    \
-                     counts,                                                  \
-                     vmax)
+    chunk_##SUFFIX##_all(frame, k0, n_chunks, chunk_start, chunk_code, raw_hot, \
+                         raw_cand, work, excluded, offset, scale, &spans, &ns, &nl)
         switch (dtype) {
         case LCLS_U8: DISPATCH(u8); break;
         case LCLS_I8: DISPATCH(i8); break;
@@ -353,13 +654,47 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
         default: DISPATCH(i16); break;
         }
 #undef DISPATCH
+        double vm = -HUGE_VAL;
+        const double off2 = offset * offset, scale2 = scale * scale;
+        for (int32_t b = 0; b < n_bins; b++) {
+            const int64_t *wb = work + 4 * b;
+            const double a = (double)wb[W_SUM], c = (double)wb[W_CNT];
+            sum[b] = (a - c * offset) * scale;
+            sumsq[b] = (((double)wb[W_SQ] - 2.0 * offset * a) + c * off2) * scale2;
+            bmax[b] = wb[W_MAX] == W_NONE ? -HUGE_VAL : ((double)wb[W_MAX] - offset) * scale;
+            vm = bmax[b] > vm ? bmax[b] : vm;
+        }
+        counts[0] = ns; counts[1] = nl; counts[2] = 0;
+        *vmax = vm;
         return 0;
     }
+
+    const int per_pixel = offset_px != NULL || scale_px != NULL;
+    memset(sum, 0, sizeof(double) * (size_t)n_bins);
+    memset(sumsq, 0, sizeof(double) * (size_t)n_bins);
+    for (int32_t b = 0; b < n_bins; b++) bmax[b] = -HUGE_VAL;
+#ifdef LCLS_HAVE_AVX2
+    if (per_pixel && dtype == LCLS_U16 && simd_level() >= 2) {
+        /* SIMD chunks, then the frame's last chunks by the scalar code */
+        int64_t ns = 0, nl = 0, nnf = 0, tail[3];
+        const int64_t k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
+        acc_avx2_u16_px((const uint16_t *)frame, k0, chunk_start, chunk_code, offset_px,
+                        scale_px, offset, scale, hot, cand_thr, sum, sumsq, excluded, bmax,
+                        &spans, &ns, &nl, &nnf);
+        struct lcls_spans rest = {span_start + ns, span_len + ns, span_bin + ns, span_max + ns};
+        acc_p_u16(frame, n_chunks - k0, chunk_start + k0, chunk_code + k0, offset_px, scale_px,
+                  offset, scale, hot, cand_thr, sum, sumsq, excluded, bmax, &rest, tail);
+        counts[0] = ns + tail[0]; counts[1] = nl + tail[1]; counts[2] = nnf + tail[2];
+        double vm = -HUGE_VAL;
+        for (int32_t b = 0; b < n_bins; b++) vm = bmax[b] > vm ? bmax[b] : vm;
+        *vmax = vm;
+        return 0;
+    }
+#endif
 #define DISPATCH(SUFFIX)                                                      \
     (per_pixel ? acc_p_##SUFFIX : acc_s_##SUFFIX)(                            \
-        frame, n_runs, run_start, run_len, run_bin, offset_px, scale_px,      \
-        offset, scale, hot, cand_thr, sum, sumsq, excluded, bmax, sp, counts, \
-        vmax)
+        frame, n_chunks, chunk_start, chunk_code, offset_px, scale_px, offset, \
+        scale, hot, cand_thr, sum, sumsq, excluded, bmax, &spans, counts)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;
     case LCLS_I8: DISPATCH(i8); break;
@@ -368,14 +703,102 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
     case LCLS_U32: DISPATCH(u32); break;
     case LCLS_I32: DISPATCH(i32); break;
     case LCLS_F32: DISPATCH(f32); break;
-    case LCLS_F64: DISPATCH(f64); break;
-    default: return -1;
+    default: DISPATCH(f64); break;
+    }
+#undef DISPATCH
+    double vm = -HUGE_VAL;
+    for (int32_t b = 0; b < n_bins; b++) vm = bmax[b] > vm ? bmax[b] : vm;
+    *vmax = vm;
+    return 0;
+}
+
+int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
+                            int64_t n_chunks, const int32_t *chunk_start,
+                            const uint32_t *chunk_code, int32_t n_bins,
+                            const float *offset_px, const float *scale_px,
+                            double offset, double scale, double hot,
+                            double *sum, int32_t *excluded, int64_t *work,
+                            int64_t *counts)
+{
+    int64_t lo, hi;
+    (void)n_pixels; /* only the SIMD paths need it */
+    if (dtype < LCLS_U8 || dtype > LCLS_F64) return -1;
+    if (!(hot <= DBL_MAX)) hot = DBL_MAX;
+    memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
+
+    if (int_path(dtype, offset_px, scale_px, offset, scale, &lo, &hi)) {
+        const int64_t raw_hot = raw_above(hot, offset, scale, lo, hi) - 1;
+        int64_t k0 = 0;
+        memset(work, 0, sizeof(int64_t) * 2 * (size_t)n_bins);
+#ifdef LCLS_HAVE_SSE2
+        const int level = simd_level();
+        if (level >= 1 && dtype == LCLS_U16 && raw_hot >= 0) {
+            k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
+#ifdef LCLS_HAVE_AVX2
+            if (level >= 2)
+                pacc_avx2_u16((const uint16_t *)frame, k0, chunk_start, chunk_code, raw_hot,
+                              work, excluded);
+            else
+#endif
+            pacc_sse_u16((const uint16_t *)frame, k0, chunk_start, chunk_code, raw_hot,
+                         work, excluded);
+        }
+#endif
+#define DISPATCH(SUFFIX)                                                      \
+    pchunk_##SUFFIX(frame, k0, n_chunks, chunk_start, chunk_code, raw_hot, work, \
+                    excluded)
+        switch (dtype) {
+        case LCLS_U8: DISPATCH(u8); break;
+        case LCLS_I8: DISPATCH(i8); break;
+        case LCLS_U16: DISPATCH(u16); break;
+        default: DISPATCH(i16); break;
+        }
+#undef DISPATCH
+        for (int32_t b = 0; b < n_bins; b++)
+            sum[b] = ((double)work[2 * b] - (double)work[2 * b + 1] * offset) * scale;
+        counts[0] = 0;
+        return 0;
+    }
+
+    const int per_pixel = offset_px != NULL || scale_px != NULL;
+    memset(sum, 0, sizeof(double) * (size_t)n_bins);
+#define DISPATCH(SUFFIX)                                                      \
+    (per_pixel ? pacc_p_##SUFFIX : pacc_s_##SUFFIX)(                          \
+        frame, n_chunks, chunk_start, chunk_code, offset_px, scale_px, offset, \
+        scale, hot, sum, excluded, counts)
+    switch (dtype) {
+    case LCLS_U8: DISPATCH(u8); break;
+    case LCLS_I8: DISPATCH(i8); break;
+    case LCLS_U16: DISPATCH(u16); break;
+    case LCLS_I16: DISPATCH(i16); break;
+    case LCLS_U32: DISPATCH(u32); break;
+    case LCLS_I32: DISPATCH(i32); break;
+    case LCLS_F32: DISPATCH(f32); break;
+    default: DISPATCH(f64); break;
     }
 #undef DISPATCH
     return 0;
 }
 
 /* ------------------------------------------------------------------ peaks */
+
+/* Spans reaching their bin's threshold are taken in batches: their rows (and
+ * the rows above and below) of frame, bins, visited and panel are prefetched
+ * together, so that the cache misses of scattered peaks overlap. */
+#define PEAK_BATCH 32
+#if defined(__GNUC__)
+#define PREFETCH_AT(base, size, i)                                             \
+    __builtin_prefetch((const void *)((uintptr_t)(base) + (uintptr_t)((size) * (i))))
+#else
+#define PREFETCH_AT(base, size, i) ((void)0)
+#endif
+#define PREFETCH_ROWS(base, size, s, len, nx)                                  \
+    do {                                                                       \
+        for (int dr = -1; dr <= 1; dr++) {                                     \
+            PREFETCH_AT(base, size, (int64_t)(s) + dr * (nx));                 \
+            PREFETCH_AT(base, size, (int64_t)(s) + (len) - 1 + dr * (nx));     \
+        }                                                                      \
+    } while (0)
 
 /* Flood fill from the candidates, one specialisation per frame dtype. */
 #define DEFINE_PEAKS(NAME, T)                                                 \
@@ -389,7 +812,8 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                      int64_t min_pix, int64_t max_pix,                        \
                      const int32_t *restrict span_start,                      \
                      const int32_t *restrict span_len,                        \
-                     const double *restrict span_max, int64_t n_spans,        \
+                     const double *restrict span_max,                         \
+                     const int32_t *restrict span_bin, int64_t n_spans,       \
                      uint8_t *restrict visited, int32_t *restrict stack,      \
                      double *out)                                             \
     {                                                                         \
@@ -403,9 +827,23 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
         const int64_t block = ny * nx;                                        \
         int64_t top = 0, n_peaks = 0;                                         \
         double total = 0.0;                                                   \
-        for (int64_t c = 0; c < n_spans; c++) {                               \
+        int32_t next[PEAK_BATCH];                                             \
+        for (int64_t c0 = 0; c0 < n_spans;) {                                 \
+          /* the next spans reaching their threshold; prefetch their rows */  \
+          int n_next = 0;                                                     \
+          for (; c0 < n_spans && n_next < PEAK_BATCH; c0++) {                 \
+            const int32_t b0 = span_bin ? span_bin[c0] : bins[span_start[c0]]; \
+            if (b0 < 0 || !(span_max[c0] > thr[b0])) continue;                \
+            next[n_next++] = (int32_t)c0;                                     \
+            PREFETCH_ROWS(frame, sizeof(T), span_start[c0], span_len[c0], nx); \
+            PREFETCH_ROWS(bins, sizeof(int32_t), span_start[c0], span_len[c0], nx); \
+            PREFETCH_ROWS(visited, 1, span_start[c0], span_len[c0], nx);      \
+            if (panel)                                                        \
+              PREFETCH_ROWS(panel, sizeof(int32_t), span_start[c0], span_len[c0], nx); \
+          }                                                                   \
+          for (int j = 0; j < n_next; j++) {                                  \
+          const int64_t c = next[j];                                          \
           const int64_t s0 = span_start[c], s1 = s0 + span_len[c];            \
-          if (bins[s0] < 0 || !(span_max[c] > thr[bins[s0]])) continue;       \
           for (int64_t seed = s0; seed < s1; seed++) {                        \
             const int32_t bs = bins[seed];                                    \
             if (bs < 0 || visited[seed]) continue;                            \
@@ -439,6 +877,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                 total += isum;                                                \
             }                                                                 \
           }                                                                   \
+          }                                                                   \
         }                                                                     \
         for (int64_t k = 0; k < top; k++) visited[stack[k]] = 0;              \
         out[0] = (double)n_peaks;                                             \
@@ -464,15 +903,16 @@ int lcls_find_peaks(const void *frame, int dtype,
                     const int32_t *panel, int connectivity,
                     int64_t min_pix, int64_t max_pix,
                     const int32_t *span_start, const int32_t *span_len,
-                    const double *span_max, int64_t n_spans,
-                    uint8_t *visited, int32_t *stack, double *out)
+                    const double *span_max, const int32_t *span_bin,
+                    int64_t n_spans, uint8_t *visited, int32_t *stack, double *out)
 {
     (void)n_mod;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX;
 #define DISPATCH(SUFFIX)                                                      \
     peaks_##SUFFIX(frame, ny, nx, bins, offset_px, scale_px, offset, scale,   \
                    hot, thr, bg, panel, connectivity, min_pix, max_pix,       \
-                   span_start, span_len, span_max, n_spans, visited, stack,   \
+                   span_start, span_len, span_max, span_bin, n_spans,         \
+                   visited, stack,                                            \
                    out)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;
@@ -486,5 +926,119 @@ int lcls_find_peaks(const void *frame, int dtype,
     default: return -1;
     }
 #undef DISPATCH
+    return 0;
+}
+
+/* ------------------------------------------------------------ common mode */
+
+/* Per-panel histograms of the photon values below `below`: bin 0 holds the
+ * values under lo, bins 1..n_hist split [lo, below) evenly. Pixel i goes to
+ * copy i % 4 of the histograms: most pixels of a panel fall in one bin, and
+ * four copies make four independent chains of read-modify-write instead of
+ * one (the copies are added in a fixed order afterwards). */
+#define DEFINE_CM_HIST(NAME, T)                                               \
+    static void NAME(const void *restrict frame, int64_t n_pixels,            \
+                     const int32_t *restrict panel,                           \
+                     const float *restrict offset_px,                         \
+                     const float *restrict scale_px, double offset,           \
+                     double scale, double below, double lo, int32_t n_hist,   \
+                     int64_t n_panels, int64_t *restrict count,               \
+                     double *restrict sum)                                    \
+    {                                                                         \
+        const double inv_h = (double)n_hist / (below - lo);                   \
+        for (int64_t i = 0; i < n_pixels; i++) {                              \
+            const int32_t p = panel[i];                                       \
+            if (p < 0) continue;                                              \
+            const double v = CONV_PIXEL(T, i);                                \
+            if (!(v < below) || !(v >= -DBL_MAX)) continue;                   \
+            int64_t k = 0;                                                    \
+            if (v >= lo) { /* (v - lo) * inv_h >= 0: truncation is floor */   \
+                k = (int64_t)((v - lo) * inv_h) + 1;                          \
+                if (k > n_hist) k = n_hist;                                   \
+            }                                                                 \
+            const int64_t j = ((i & 3) * n_panels + p) * (n_hist + 1) + k;    \
+            count[j]++;                                                       \
+            sum[j] += v;                                                      \
+        }                                                                     \
+    }
+
+DEFINE_CM_HIST(cm_u8, uint8_t)
+DEFINE_CM_HIST(cm_i8, int8_t)
+DEFINE_CM_HIST(cm_u16, uint16_t)
+DEFINE_CM_HIST(cm_i16, int16_t)
+DEFINE_CM_HIST(cm_u32, uint32_t)
+DEFINE_CM_HIST(cm_i32, int32_t)
+DEFINE_CM_HIST(cm_f32, float)
+DEFINE_CM_HIST(cm_f64, double)
+
+int lcls_panel_common_mode(const void *frame, int dtype, int64_t n_pixels,
+                           const int32_t *panel, int32_t n_panels,
+                           const float *offset_px, const float *scale_px,
+                           double offset, double scale, double below, double lo,
+                           int32_t n_hist, int64_t *hist_count, double *hist_sum,
+                           double *median, float *offset_out)
+{
+    /* per-panel offsets (scalar offset and scale), kept in the second copy of
+     * hist_sum once the copies are added up */
+    float *const panel_off = (float *)(hist_sum + (size_t)n_panels * (size_t)(n_hist + 1));
+#define median_off(p) panel_off[p]
+    const size_t n_cells = (size_t)n_panels * (size_t)(n_hist + 1);
+    if (!(lo < below) || n_hist < 1) return -2;
+    memset(hist_count, 0, sizeof(int64_t) * 4 * n_cells);
+    memset(hist_sum, 0, sizeof(double) * 4 * n_cells);
+#define DISPATCH(SUFFIX)                                                      \
+    cm_##SUFFIX(frame, n_pixels, panel, offset_px, scale_px, offset, scale,   \
+                below, lo, n_hist, n_panels, hist_count, hist_sum)
+    switch (dtype) {
+    case LCLS_U8: DISPATCH(u8); break;
+    case LCLS_I8: DISPATCH(i8); break;
+    case LCLS_U16: DISPATCH(u16); break;
+    case LCLS_I16: DISPATCH(i16); break;
+    case LCLS_U32: DISPATCH(u32); break;
+    case LCLS_I32: DISPATCH(i32); break;
+    case LCLS_F32: DISPATCH(f32); break;
+    case LCLS_F64: DISPATCH(f64); break;
+    default: return -1;
+    }
+#undef DISPATCH
+    for (size_t j = 0; j < n_cells; j++) { /* copy 0 <- the four copies */
+        hist_count[j] += hist_count[n_cells + j] + hist_count[2 * n_cells + j] +
+                         hist_count[3 * n_cells + j];
+        hist_sum[j] = (hist_sum[j] + hist_sum[n_cells + j]) +
+                      (hist_sum[2 * n_cells + j] + hist_sum[3 * n_cells + j]);
+    }
+    for (int32_t p = 0; p < n_panels; p++) {
+        const int64_t *c = hist_count + (size_t)p * (size_t)(n_hist + 1);
+        const double *s = hist_sum + (size_t)p * (size_t)(n_hist + 1);
+        int64_t n = 0;
+        for (int32_t k = 0; k <= n_hist; k++) n += c[k];
+        median[p] = 0.0;
+        if (n == 0) continue;
+        const int64_t rank = (n - 1) / 2; /* the lower median */
+        int64_t cum = 0;
+        for (int32_t k = 0; k <= n_hist; k++) {
+            cum += c[k];
+            if (cum > rank) {
+                median[p] = s[k] / (double)c[k];
+                break;
+            }
+        }
+    }
+    if (offset_out && !scale_px && !offset_px) { /* scalar: one value per panel */
+        for (int32_t p = 0; p < n_panels; p++)
+            median_off(p) = (float)(scale > 0 ? offset + median[p] / scale : offset);
+        for (int64_t i = 0; i < n_pixels; i++) {
+            const int32_t p = panel[i];
+            offset_out[i] = p >= 0 ? median_off(p) : (float)offset;
+        }
+    } else if (offset_out) {
+        for (int64_t i = 0; i < n_pixels; i++) {
+            const double base = offset_px ? (double)offset_px[i] : offset;
+            const double sc = scale_px ? (double)scale_px[i] : scale;
+            const int32_t p = panel[i];
+            offset_out[i] = (float)(p >= 0 && sc > 0 ? base + median[p] / sc : base);
+        }
+    }
+#undef median_off
     return 0;
 }

@@ -1,4 +1,5 @@
-/* lcls-dl C kernels: fused per-frame accumulation and peak finding.
+/* lcls-dl C kernels: fused per-frame accumulation, radial-profile pass,
+ * per-panel common mode and peak finding.
  *
  * Plain C functions, loaded from Python with ctypes (lcls_dl/ingest/kernels.py).
  * The numpy reference implementation in that module defines the semantics;
@@ -16,37 +17,62 @@ enum {
 };
 
 /* Version of the kernel ABI; the loader refuses a library with another one. */
-#define LCLS_KERNELS_ABI 5
+#define LCLS_KERNELS_ABI 6
 int lcls_abi_version(void);
 
-/* One pass over a frame, by runs of consecutive pixels sharing a bin.
+/* Bin table of both accumulation kernels: chunks of at most 16 consecutive
+ * pixels sharing a bin, in ascending pixel order (masked / out-of-range
+ * pixels belong to no chunk). Chunk k covers pixels
+ * [chunk_start[k], chunk_start[k] + len) of bin b, with
+ * chunk_code[k] = b << 4 | (len - 1) (so b < 2^28). Packed, the table costs
+ * 8 bytes per chunk and a chunk is one fixed-size step of the kernels: no
+ * data-dependent loop count per run of pixels.
  *
- * Run r covers pixels [run_start[r], run_start[r] + run_len[r]) of bin
- * run_bin[r] (masked / out-of-range pixels belong to no run; runs are in
- * ascending pixel order). The photon value of pixel i is
+ * The photon value of pixel i is
  *     v = ((double)frame[i] - off_i) * scale_i
- * with off_i = offset_px ? offset_px[i] : offset, scale_i likewise.
- * Pixels with v > hot or v non-finite are excluded: excluded[bin]++ (and
- * non-finite ones counted in counts[2]). Every other pixel adds v to sum[bin]
- * and v*v to sumsq[bin] and updates *vmax and bmax[bin] (largest included
- * value of the bin, -HUGE_VAL when none). Pixels with v > cand_thr ("lit",
+ * with off_i = offset_px ? offset_px[i] : offset, scale_i likewise. Pixels
+ * with v > hot or v non-finite are excluded: excluded[bin]++ (non-finite
+ * ones also counted as "non-finite"). Integer frames of at most 16 bits with
+ * a scalar offset and scale > 0 are summed exactly in 64-bit integers per bin
+ * (the thresholds become raw-value thresholds, the same comparisons) and
+ * converted once per bin. n_pixels is the frame size (no read goes past it).
+ * Both return 0, or -1 for an unknown dtype. */
+
+/* Fused pass: every included pixel adds v to sum[bin] and v*v to sumsq[bin]
+ * and updates bmax[bin] (largest included value of the bin, -HUGE_VAL when
+ * none) and *vmax (the largest of all). Pixels with v > cand_thr ("lit",
  * counted in counts[1]) are reported as candidate spans: ascending,
  * non-overlapping ranges [span_start[k], span_start[k] + span_len[k]) inside
- * one run that contain every lit pixel, with span_max[k] the largest
- * included value of the span; counts[0] = number of spans (capacity:
- * n_runs + n_pixels / 16 + 1). sum, sumsq, excluded, bmax (n_bins each) are
- * overwritten. n_pixels is the frame size (no read goes past it).
- * Returns 0, or -1 for an unknown dtype.
- */
+ * one chunk that contain every lit pixel, with span_max[k] the largest
+ * included value of the span and span_bin[k] its bin; counts[0] = number of
+ * spans (capacity:
+ * n_chunks + 1), counts[2] = non-finite pixels. sum, sumsq, excluded, bmax
+ * (n_bins each) are overwritten; work holds 4 * n_bins int64 of scratch. */
 int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
-                    int64_t n_runs,
-                    const int32_t *run_start, const int32_t *run_len,
-                    const int32_t *run_bin, int32_t n_bins,
+                    int64_t n_chunks, const int32_t *chunk_start,
+                    const uint32_t *chunk_code, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
                     double offset, double scale, double hot, double cand_thr,
                     double *sum, double *sumsq, int32_t *excluded, double *bmax,
+                    int64_t *work,
                     int32_t *span_start, int32_t *span_len, double *span_max,
-                    int64_t *counts, double *vmax);
+                    int32_t *span_bin, int64_t *counts, double *vmax);
+
+/* Radial-profile pass: only sum[bin] (sum of included v), excluded[bin] and
+ * counts[0] = non-finite pixels; no squares, maxima or candidates. sum and
+ * excluded (n_bins each) are overwritten; work holds 2 * n_bins int64. */
+int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
+                            int64_t n_chunks, const int32_t *chunk_start,
+                            const uint32_t *chunk_code, int32_t n_bins,
+                            const float *offset_px, const float *scale_px,
+                            double offset, double scale, double hot,
+                            double *sum, int32_t *excluded, int64_t *work,
+                            int64_t *counts);
+
+/* SIMD level of the uint16 accumulation paths: 0 scalar, 1 SSE2, 2 AVX2
+ * (chosen at run time). max_level >= 0 caps it for this process (tests use
+ * it to run every path on one machine); returns the level now in use. */
+int lcls_simd_level(int max_level);
 
 /* Connected components of peak pixels, grown from the candidate spans.
  *
@@ -54,7 +80,8 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
  * is a peak pixel when bins[i] >= 0, v is finite, v <= hot and
  * v > thr[bins[i]]. Every peak pixel must lie in a span (from
  * lcls_accumulate with cand_thr <= thr); spans whose span_max is not above
- * their bin's threshold are skipped. Neighbours (4- or 8-connectivity)
+ * their bin's threshold are skipped (the bin from span_bin, or bins[start]
+ * when span_bin is NULL). Neighbours (4- or 8-connectivity)
  * connect only inside the same block and, when panel is not NULL, the same
  * panel id. A component counts when min_pix <= size <= max_pix;
  * out[0] = number of counted components, out[1] = sum over their pixels of
@@ -71,7 +98,27 @@ int lcls_find_peaks(const void *frame, int dtype,
                     const int32_t *panel, int connectivity,
                     int64_t min_pix, int64_t max_pix,
                     const int32_t *span_start, const int32_t *span_len,
-                    const double *span_max, int64_t n_spans,
-                    uint8_t *visited, int32_t *stack, double *out);
+                    const double *span_max, const int32_t *span_bin,
+                    int64_t n_spans, uint8_t *visited, int32_t *stack, double *out);
+
+/* Per-panel common mode: the lower median of the photon values v below
+ * `below` of each panel's pixels (panel[i] in [0, n_panels), -1 = ignored;
+ * non-finite values ignored), to the resolution of a histogram: bin 0 holds
+ * the values under lo, bins 1..n_hist split [lo, below) evenly
+ * (k = floor((v - lo) * n_hist / (below - lo)) + 1, at most n_hist), and the
+ * median is the mean of the values of the bin holding the rank (n - 1) / 2
+ * value (0 for a panel without such values). Pixel i is counted in copy
+ * i % 4 of the histograms; the sums of a bin are added as
+ * (copy0 + copy1) + (copy2 + copy3). hist_count, hist_sum:
+ * 4 * n_panels * (n_hist + 1) scratch. When offset_out is not NULL it receives the
+ * per-pixel offset that subtracts the median from v:
+ * (float)(off_i + median[panel[i]] / scale_i) (off_i where panel[i] < 0 or
+ * scale_i <= 0). Returns 0, -1 for an unknown dtype, -2 for a bad range. */
+int lcls_panel_common_mode(const void *frame, int dtype, int64_t n_pixels,
+                           const int32_t *panel, int32_t n_panels,
+                           const float *offset_px, const float *scale_px,
+                           double offset, double scale, double below, double lo,
+                           int32_t n_hist, int64_t *hist_count, double *hist_sum,
+                           double *median, float *offset_out);
 
 #endif

@@ -224,3 +224,184 @@ def test_accumulate_parity_uint16_full_range_long_runs(offset, scale):
         ref = NUMPY.accumulate(frame, bins, 23, offset, scale, hot, cand)
         got = C.accumulate(frame, bins, 23, offset, scale, hot, cand)
         _assert_acc_equal(got, ref, frame, bins, offset, scale, hot, cand)
+
+
+def _assert_profile_equal(got, ref, acc=None):
+    np.testing.assert_allclose(got.sum, ref.sum, rtol=1e-12, atol=1e-9)
+    np.testing.assert_array_equal(got.excluded, ref.excluded)
+    assert got.n_nonfinite == ref.n_nonfinite
+    if acc is not None:  # the fused pass reports the same sums and exclusions
+        np.testing.assert_allclose(got.sum, acc.sum, rtol=1e-12, atol=1e-9)
+        np.testing.assert_array_equal(got.excluded, acc.excluded)
+        assert got.n_nonfinite == acc.n_nonfinite
+
+
+@needs_c
+@pytest.mark.parametrize("run", [1, 11, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_profile_accumulate_parity_scalar_offset(dtype, run):
+    rng = np.random.default_rng(11)
+    n, n_bins = 10_003, 37
+    frame, bins = _frame(rng, n, dtype), _bins(rng, n, n_bins, run=run)
+    hot = (float(frame.max()) - 3.0) * 0.25 * 0.9
+    for h in (hot, np.inf):
+        args = (bins, n_bins, 3.0, 0.25, h)
+        ref = NUMPY.profile_accumulate(frame, *args)
+        got = C.profile_accumulate(frame, *args, C.workspace(bins, n_bins))
+        _assert_profile_equal(got, ref, NUMPY.accumulate(frame, *args, 1.0))
+    assert ref.sum.any() and not ref.excluded.any()
+    assert NUMPY.profile_accumulate(frame, bins, n_bins, 3.0, 0.25, hot).excluded.sum() > 0
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int32, np.float32])
+def test_profile_accumulate_parity_per_pixel_dark_and_gain(dtype):
+    rng = np.random.default_rng(12)
+    n, n_bins = 4_097, 16
+    frame, bins = _frame(rng, n, dtype), _bins(rng, n, n_bins, run=9)
+    offset = rng.normal(20, 5, n).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    for off, sc in [(offset, 1.0), (2.0, scale), (offset, scale)]:
+        ref = NUMPY.profile_accumulate(frame, bins, n_bins, off, sc, 2000.0)
+        got = C.profile_accumulate(frame, bins, n_bins, off, sc, 2000.0)
+        _assert_profile_equal(got, ref)
+        assert ref.excluded.sum() > 0
+
+
+@needs_c
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (100.5, 0.1)])
+def test_profile_accumulate_uint16_full_range_long_runs(offset, scale):
+    """uint16 SIMD path: values >= 2**15 (pixel-by-pixel chunks), runs > 16, frame end."""
+    rng = np.random.default_rng(13)
+    lengths = rng.integers(1, 41, 400)
+    bins = np.repeat(rng.integers(-1, 23, lengths.size), lengths).astype(np.int32)
+    bins[-5:] = 4
+    n = bins.size
+    frame = rng.integers(0, 65536, n).astype(np.uint16)
+    frame[: n // 2] = rng.integers(0, 300, n // 2)  # SIMD chunks, some hot
+    frame[:50] = 65535
+    ws = C.workspace(bins, 23)
+    for hot in (np.inf, 0.8 * (65535 - offset) * scale, 150.0):
+        ref = NUMPY.profile_accumulate(frame, bins, 23, offset, scale, hot)
+        _assert_profile_equal(C.profile_accumulate(frame, bins, 23, offset, scale, hot, ws), ref)
+
+
+@pytest.mark.parametrize("kern", ["numpy", pytest.param("c", marks=needs_c)])
+def test_profile_accumulate_counts_nonfinite_only_in_used_pixels(kern):
+    k = K.get_kernels(kern)
+    frame = np.arange(12, dtype=np.float64)
+    bins = np.array([0, 0, 1, 1, -1, -1, 2, 2, 2, 0, 1, 2], np.int32)
+    frame[[0, 6]] = np.nan
+    frame[7] = np.inf
+    frame[4] = np.nan  # masked: ignored
+    frame[11] = 500.0  # hot
+    r = k.profile_accumulate(frame, bins, 3, 0.0, 1.0, 100.0)
+    assert r.n_nonfinite == 3
+    np.testing.assert_array_equal(r.excluded, [1, 0, 3])
+    np.testing.assert_array_equal(r.sum, [1 + 9, 2 + 3 + 10, 8])
+
+
+def test_bin_chunks_cover_the_binned_pixels_in_short_chunks():
+    rng = np.random.default_rng(14)
+    bins = _bins(rng, 5_000, 300, run=37)
+    bins[:40] = 7  # a run longer than two chunks at the start
+    start, code = K.bin_chunks(bins)
+    length, chunk_bin = (code & 15) + 1, code >> 4
+    assert np.all(length <= K.CHUNK) and np.all(np.diff(start) >= length[:-1])
+    covered = np.full(bins.size, -1)
+    for s, n, b in zip(start, length, chunk_bin):
+        covered[s:s + n] = b
+    np.testing.assert_array_equal(covered, bins)
+    assert start[:3].tolist() == [0, 16, 32] and length[:3].tolist() == [16, 16, 8]
+
+
+@pytest.fixture
+def simd_levels():
+    """The SIMD levels this machine runs (0 scalar, 1 SSE2, 2 AVX2); restored afterwards."""
+    top = C.simd_level()
+    yield list(range(top + 1))
+    C.simd_level(top)
+
+
+@needs_c
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (2.5, 0.7)])
+def test_uint16_paths_agree_at_every_simd_level(simd_levels, offset, scale):
+    """Every SIMD level gives the reference's numbers: chunks of small values (vector
+    path), chunks with values >= 2**14 or hot pixels (pixel path), the frame's last
+    16 pixels; scalar and per-pixel (dark, gain) offset and scale."""
+    rng = np.random.default_rng(15)
+    lengths = rng.integers(1, 30, 600)
+    bins = np.repeat(rng.integers(-1, 50, lengths.size), lengths).astype(np.int32)
+    bins[-3:] = 9
+    n = bins.size
+    frame = rng.poisson(3.0, n).astype(np.uint16)
+    big = rng.random(n) < 0.002
+    frame[big] = rng.integers(16000, 65536, big.sum())
+    frame[-2] = 40
+    off_px = (offset + rng.normal(0, 0.3, n)).astype(np.float32)  # a dark frame
+    sc_px = (scale * rng.uniform(0.8, 1.2, n)).astype(np.float32)  # a gain map
+    sc_px[:7] = 0.0
+    for off, sc in [(offset, scale), (off_px, scale), (offset, sc_px), (off_px, sc_px)]:
+        for hot, cand in [(np.inf, 5.0), (30.0, 4.0), (np.inf, np.inf), (np.inf, -1.0)]:
+            ref = NUMPY.accumulate(frame, bins, 50, off, sc, hot, cand)
+            pref = NUMPY.profile_accumulate(frame, bins, 50, off, sc, hot)
+            for level in simd_levels:
+                assert C.simd_level(level) == level
+                got = C.accumulate(frame, bins, 50, off, sc, hot, cand)
+                _assert_acc_equal(got, ref, frame, bins, off, sc, hot, cand)
+                _assert_profile_equal(C.profile_accumulate(frame, bins, 50, off, sc, hot), pref)
+
+
+@needs_c
+def test_find_peaks_span_bins_optional_and_checked():
+    rng = np.random.default_rng(16)
+    block_shape = (2, 30, 40)
+    frame = _peak_scene(rng, block_shape, np.uint16)
+    bins = (np.arange(frame.size) % 5).astype(np.int32)
+    ws = C.workspace(bins, 5)
+    acc = C.accumulate(frame, bins, 5, 0.0, 1.0, np.inf, 10.0, ws)
+    np.testing.assert_array_equal(acc.span_bin, bins[acc.span_start])
+    args = (frame, block_shape, bins, 0.0, 1.0, np.inf, np.full(5, 12.0), np.ones(5), None,
+            8, 2, 50)
+    got = C.find_peaks(*args, acc, ws)
+    assert got[0] > 3
+    from dataclasses import replace
+    assert C.find_peaks(*args, replace(acc, span_bin=None), ws) == got
+    assert C.find_peaks(*args, replace(acc, span_bin=acc.span_bin.copy()), ws) == got
+    with pytest.raises(ValueError, match="span_bin"):
+        C.find_peaks(*args, replace(acc, span_bin=acc.span_bin + 5), ws)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_common_mode_parity(dtype):
+    rng = np.random.default_rng(17)
+    n, n_panels = 6_001, 8  # panel 7 has no pixel; -1 = not used
+    panel = rng.integers(-1, 7, n).astype(np.int32)
+    frame = _frame(rng, n, dtype)
+    if np.issubdtype(dtype, np.floating):
+        frame[rng.integers(0, n, 20)] = np.nan  # ignored
+    top = float(np.nanmax(frame))
+    offset = rng.normal(5, 2, n).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    scale[:50] = 0.0  # dead pixels: offset unchanged
+    # "below" at ~30 % and ~60 % of the range: medians inside the histogram, and under it
+    for off, sc, below in [(3.0, 4.0 / top, 1.2), (offset, 1.0, 0.3 * top),
+                           (2.0, scale, 0.6 * top), (offset, scale, 0.1 * top)]:
+        ref = NUMPY.common_mode(frame, panel, n_panels, off, sc, below)
+        got = C.common_mode(frame, panel, n_panels, off, sc, below, C.workspace(panel, 1))
+        np.testing.assert_array_equal(got.median, ref.median)
+        np.testing.assert_array_equal(got.offset, ref.offset)
+        assert ref.median[7] == 0 and np.any(ref.median[:7] != 0)
+
+
+def test_common_mode_median_is_the_lower_median_below_the_limit():
+    frame = np.array([10, 12, 11, 13, 90, 50, 50, 52, 51, 2, 3, 4, 7], np.uint16)
+    panel = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, -1], np.int32)
+    for k in (NUMPY,) + ((C,) if C is not None else ()):
+        # 0.5 photon/ADU, below 8 photons: the histogram covers [4, 8) photons
+        cm = k.common_mode(frame, panel, 3, 0.0, 0.5, 8.0)
+        # panel 0: 5, 5.5, 6, 6.5 (45 is above the limit) -> lower median 5.5;
+        # panel 1: nothing below the limit -> 0; panel 2: all under the histogram -> their mean
+        np.testing.assert_array_equal(cm.median, [5.5, 0.0, 1.5])
+        np.testing.assert_array_equal(cm.offset, [11] * 5 + [0] * 4 + [3] * 3 + [0])

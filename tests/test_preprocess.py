@@ -309,3 +309,43 @@ def test_profile_is_the_mean_of_used_pixels_per_q_bin(which):
     np.testing.assert_allclose(prof, np.divide(s, c, out=np.zeros_like(s), where=c > 0),
                                rtol=1e-12)
     assert (frame.reshape(-1)[b >= 0] == 60000).any()  # the hot pixels were in range
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_panel_common_mode_removes_per_panel_offsets(backend):
+    """ADU frame, 20 ADU/photon on a pedestal, 6 panels shifted by -9..8 ADU (< 0.5
+    photon): with panel-median common mode the outputs are those of the unshifted frame."""
+    rng = np.random.default_rng(21)
+    q, phi = flat_maps(shape=(64, 96), center=(30.2, 47.6))
+    panels = (np.arange(64)[:, None] // 32) * 3 + (np.arange(96)[None, :] // 32)  # 2 x 3
+    mask = rng.random(q.shape) > 0.02
+    photons = water_frame(q, rng, scale=0.8)  # mostly 0-photon pixels
+    photons[5:8, 40:43] += 60  # a spot for the peak scalars
+    raw = (100 + 20 * photons).astype(np.uint16)
+    shift = np.array([-9, 7, 3, -4, 8, -6])
+    shifted = (raw.astype(int) + shift[panels]).astype(np.uint16)
+    base = dict(q_min=0.0, q_max=4.0, n_q=16, image_shape=(16, 32), adu_per_photon=20.0,
+                pedestal=100.0, peak_min_snr=3.0, peak_min_pixels=2)
+    cm = FramePreprocessor(q, phi, mask, params(common_mode="panel-median", **base),
+                           panel_ids=panels, kernels=backend)
+    plain = FramePreprocessor(q, phi, mask, params(**base), panel_ids=panels, kernels=backend)
+    want = plain(raw)
+    got, uncorrected = cm(shifted), plain(shifted)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(cm.profile(shifted), plain.profile(raw), rtol=1e-9, atol=1e-12)
+    assert np.abs(uncorrected["profile"] - want["profile"]).max() > 0.05  # the shift matters
+    assert want["scalars"][0] >= 1
+    # the medians found are the shifts, in photons
+    flat = shifted.reshape(-1)
+    found = cm.kernels.common_mode(flat, cm._cm_panel, cm._cm_n, cm.offset, cm.scale, 0.5)
+    np.testing.assert_allclose(found.median, shift / 20.0, atol=1e-12)
+
+
+def test_common_mode_is_recorded_and_validated():
+    p = params(common_mode="panel-median", common_mode_below=0.4)
+    back = PreprocessParams.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert (back.common_mode, back.common_mode_below) == ("panel-median", 0.4)
+    assert PreprocessParams.from_dict({}).common_mode == "none"  # older manifests
+    with pytest.raises(ConfigError, match="common_mode"):
+        params(common_mode="row-median")

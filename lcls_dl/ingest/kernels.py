@@ -1,6 +1,6 @@
 """Per-frame hot loops: C kernels (``kernels/*.c``) with a numpy reference implementation.
 
-Two kernels do all the per-pixel work of :class:`lcls_dl.ingest.preprocess.FramePreprocessor`:
+These kernels do all the per-pixel work of :class:`lcls_dl.ingest.preprocess.FramePreprocessor`:
 
 ``accumulate``
     One pass over the frame: convert ADU to photons, skip masked pixels, exclude hot and
@@ -8,14 +8,21 @@ Two kernels do all the per-pixel work of :class:`lcls_dl.ingest.preprocess.Frame
     also the largest pixel of every bin (for the polar image's max-SNR channel), of the
     frame, and the spans holding candidate peak pixels ("lit" pixels,
     value above an absolute threshold).
+``profile_accumulate``
+    The radial profile's pass: per bin only the sum of included photon values and the
+    excluded (hot or non-finite) pixels -- no squares, maxima or candidates.
+``common_mode`` (optional)
+    Per-panel common mode: the median of each panel's photon values below ~0.5 photon
+    (from a small histogram), returned as the per-pixel offset that subtracts it.
 ``find_peaks``
     Grow connected components of peak pixels (value above a per-bin threshold) from the
     candidate spans, inside one detector block/panel, and count those of acceptable size.
 
 The numpy functions in this module (:class:`NumpyKernels`) define the semantics; the C
 functions (:class:`CKernels`, built into ``lcls_dl._kernels`` at install time and called
-through ctypes) compute the same thing in two passes over memory, and
-``tests/test_kernels.py`` checks that they agree.
+through ctypes) compute the same thing from a table of bin "chunks" (at most 16
+consecutive pixels of one bin, precomputed per geometry by :meth:`CKernels.workspace`),
+and ``tests/test_kernels.py`` checks that they agree.
 
 :func:`get_kernels` returns the C kernels when the extension is present and the numpy
 ones otherwise, with one :class:`KernelFallbackWarning`. The environment variable
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: ABI version the loader expects from ``lcls_dl._kernels`` (``LCLS_KERNELS_ABI``).
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 #: Frame dtypes the C kernels read directly (others are converted to float64 first).
 DTYPE_CODES = {
@@ -66,8 +73,8 @@ class Accumulation:
     span_start, span_len : ndarray of int32
         Candidate spans: ascending, non-overlapping pixel ranges, each inside one bin,
         that together hold every "lit" pixel (included, value above ``cand_thr``). The
-        reference returns one span per lit pixel; the C kernels whole runs or 16-pixel
-        chunks.
+        reference returns one span per lit pixel; the C kernels the chunks (at most 16
+        pixels of one bin, see :func:`bin_chunks`) holding one.
     span_max : ndarray of float64
         Largest included value in each span.
     n_lit : int
@@ -76,6 +83,9 @@ class Accumulation:
         Largest included photon value (-inf when no pixel is included).
     n_nonfinite : int
         Non-finite values among the pixels with ``bins >= 0``.
+    span_bin : ndarray of int32 or None
+        Bin of each span (lets :meth:`find_peaks` skip spans below their bin's threshold
+        without reading the bin table).
     """
 
     sum: np.ndarray
@@ -88,6 +98,47 @@ class Accumulation:
     n_lit: int
     vmax: float
     n_nonfinite: int
+    span_bin: np.ndarray = None
+
+
+@dataclass
+class ProfileAccumulation:
+    """Result of :meth:`profile_accumulate` for one frame (arrays may be reused workspace).
+
+    Attributes
+    ----------
+    sum : ndarray of float64, (n_bins,)
+        Sum of the included photon values per bin.
+    excluded : ndarray of int32, (n_bins,)
+        Pixels of each bin excluded from this frame (hot or non-finite).
+    n_nonfinite : int
+        Non-finite values among the pixels with ``bins >= 0``.
+    """
+
+    sum: np.ndarray
+    excluded: np.ndarray
+    n_nonfinite: int
+
+
+@dataclass
+class CommonMode:
+    """Result of :meth:`common_mode` (arrays may be reused workspace).
+
+    Attributes
+    ----------
+    median : ndarray of float64, (n_panels,)
+        Common mode of each panel, photons (0 for a panel without pixels below the limit).
+    offset : ndarray of float32, (n,)
+        Per-pixel offset that subtracts it: ``offset_i + median[panel_i] / scale_i``.
+    """
+
+    median: np.ndarray
+    offset: np.ndarray
+
+
+#: Common-mode histogram: photons below the limit covered, and bins per photon.
+COMMON_MODE_RANGE = 4.0
+COMMON_MODE_BINS_PER_PHOTON = 128
 
 
 def as_kernel_input(frame):
@@ -160,10 +211,95 @@ class NumpyKernels:
         return Accumulation(
             sum=total, sumsq=sumsq, excluded=excluded, binmax=binmax,
             span_start=lit.astype(np.int32), span_len=np.ones(lit.size, np.int32),
-            span_max=v[lit], n_lit=int(lit.size),
+            span_max=v[lit], n_lit=int(lit.size), span_bin=bins[lit].astype(np.int32),
             vmax=float(vg.max()) if vg.size else -np.inf,
             n_nonfinite=int(np.count_nonzero(inside & ~finite)),
         )
+
+    def profile_accumulate(self, flat, bins, n_bins, offset, scale, hot, ws=None):
+        """Radial-profile pass: per-bin sums of included photon values and exclusions.
+
+        The same pixels as :meth:`accumulate` (same masking, offset/scale, hot and
+        non-finite exclusion) and the same ``sum``/``excluded``/``n_nonfinite``, without
+        the squares, maxima and peak candidates that the profile does not need.
+
+        Returns
+        -------
+        ProfileAccumulation
+
+        Examples
+        --------
+        >>> k = NumpyKernels()
+        >>> r = k.profile_accumulate(np.array([1, 2, 90, 4], np.uint16),
+        ...                          np.array([0, 0, 1, -1], np.int32), 2, 0.0, 1.0, 50.0)
+        >>> r.sum.tolist(), r.excluded.tolist()
+        ([3.0, 0.0], [0, 1])
+        """
+        v = photons(flat, offset, scale)
+        inside = bins >= 0
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(v)
+            good = inside & finite & (v <= hot)
+        return ProfileAccumulation(
+            sum=np.bincount(bins[good], weights=v[good], minlength=n_bins),
+            excluded=np.bincount(bins[inside & ~good], minlength=n_bins).astype(np.int32),
+            n_nonfinite=int(np.count_nonzero(inside & ~finite)))
+
+    def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None):
+        """Per-panel common mode (median of the "no photon" pixels) and its correction.
+
+        For each panel, the lower median of the finite photon values ``v < below`` of its
+        pixels (``panel`` int32, (n,), ids ``0..n_panels-1``, -1 = not used), to the
+        resolution of a histogram: bin 0 holds the values under
+        ``lo = below - COMMON_MODE_RANGE``, ``COMMON_MODE_BINS_PER_PHOTON`` bins per
+        photon split ``[lo, below)``, and the median is the mean of the values of the bin
+        holding the rank ``(n - 1) // 2`` value (exact for integer ADU frames whose ADU
+        step is above 1/128 photon). The values of a bin are summed in four parts (pixel
+        index modulo 4) added as ``(s0 + s1) + (s2 + s3)``, as the C kernel does.
+
+        Returns
+        -------
+        CommonMode
+            ``offset`` (float32, (n,)): ``offset_i + median[panel_i] / scale_i``, the
+            offset that removes the common mode (``offset_i`` where ``panel_i < 0`` or
+            ``scale_i <= 0``).
+
+        Examples
+        --------
+        >>> k = NumpyKernels()
+        >>> frame = np.array([3, 3, 4, 9, 0, 0, 1], np.uint16)
+        >>> cm = k.common_mode(frame, np.array([0, 0, 0, 0, 1, 1, 1], np.int32), 2, 0.0, 1.0, 5.0)
+        >>> cm.median.tolist(), cm.offset.tolist()
+        ([3.0, 0.0], [3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0])
+        """
+        lo, n_hist = _common_mode_range(below)
+        v = photons(flat, offset, scale)
+        with np.errstate(invalid="ignore"):
+            ok = (panel >= 0) & (v < below) & (v >= -np.finfo(np.float64).max)
+        vo = v[ok]
+        k = np.zeros(vo.size, np.int64)
+        up = vo >= lo
+        k[up] = np.minimum(np.floor((vo[up] - lo) * (n_hist / (below - lo))).astype(np.int64) + 1,
+                           n_hist)
+        cell = panel[ok].astype(np.int64) * (n_hist + 1) + k
+        size = n_panels * (n_hist + 1)
+        # four partial histograms (pixel index % 4) added in a fixed order, like the C kernel
+        part = np.flatnonzero(ok) % 4
+        sums = [np.bincount(cell[part == r], weights=vo[part == r], minlength=size)
+                for r in range(4)]
+        count = np.bincount(cell, minlength=size).reshape(n_panels, n_hist + 1)
+        total = ((sums[0] + sums[1]) + (sums[2] + sums[3])).reshape(n_panels, n_hist + 1)
+        cum = np.cumsum(count, axis=1)
+        n = cum[:, -1]
+        at = np.argmax(cum > ((n - 1) // 2)[:, None], axis=1)
+        rows = np.arange(n_panels)
+        median = np.where(n > 0, total[rows, at] / np.maximum(count[rows, at], 1), 0.0)
+        base = np.broadcast_to(np.asarray(offset, np.float64), flat.shape)
+        sc = np.broadcast_to(np.asarray(scale, np.float64), flat.shape)
+        shift = (panel >= 0) & (sc > 0)
+        out = base.copy()
+        out[shift] = base[shift] + median[panel[shift]] / sc[shift]
+        return CommonMode(median=median, offset=out.astype(np.float32))
 
     def find_peaks(self, flat, block_shape, bins, offset, scale, hot, thr, bg, panel,
                    connectivity, min_pix, max_pix, acc, ws=None):
@@ -213,29 +349,73 @@ class NumpyKernels:
         return int(keep.sum()), float(signal[keep].sum()), int(np.count_nonzero(peak))
 
 
+#: Pixels per chunk of the C kernels' bin table (``lcls_kernels.h``).
+CHUNK = 16
+
+
+def bin_chunks(bins):
+    """Chunks of at most :data:`CHUNK` consecutive pixels sharing a bin (C bin table).
+
+    Parameters
+    ----------
+    bins : ndarray of int32, (n,)
+        Bin of each pixel, -1 for none.
+
+    Returns
+    -------
+    start : ndarray of int32
+        First pixel of each chunk (ascending).
+    code : ndarray of uint32
+        ``bin << 4 | (length - 1)``.
+
+    Examples
+    --------
+    >>> s, c = bin_chunks(np.array([5] * 20 + [-1, 2], np.int32))
+    >>> s.tolist(), (c >> 4).tolist(), ((c & 15) + 1).tolist()
+    ([0, 16, 21], [5, 5, 2], [16, 4, 1])
+    """
+    bins = np.ascontiguousarray(bins, np.int32).reshape(-1)
+    n = bins.size
+    if n and int(bins.max()) >= 1 << 28:
+        raise ValueError("the C kernels take at most 2**28 bins")
+    change = np.flatnonzero(bins[1:] != bins[:-1]) + 1
+    starts = np.concatenate(([0], change)).astype(np.int64)
+    ends = np.concatenate((change, [n])).astype(np.int64)
+    keep = bins[starts] >= 0 if n else np.zeros(0, bool)
+    starts, lengths = starts[keep], ends[keep] - starts[keep]
+    per_run = (lengths + CHUNK - 1) // CHUNK
+    run = np.repeat(np.arange(starts.size), per_run)
+    k = np.arange(run.size) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+    start = starts[run] + k * CHUNK
+    length = np.minimum(CHUNK, lengths[run] - k * CHUNK)
+    code = (bins[start].astype(np.uint32) << 4) | (length - 1).astype(np.uint32)
+    return np.ascontiguousarray(start, np.int32), np.ascontiguousarray(code, np.uint32)
+
+
+def _common_mode_range(below):
+    """(lo, n_hist) of the common-mode histogram below ``below``."""
+    n_hist = int(round(COMMON_MODE_RANGE * COMMON_MODE_BINS_PER_PHOTON))
+    return float(below) - COMMON_MODE_RANGE, n_hist
+
+
 class _CWorkspace:
-    """Runs of equal bins (precomputed once per geometry) and scratch buffers."""
+    """Bin chunks (precomputed once per geometry) and scratch buffers."""
 
     def __init__(self, bins, n_bins):
         self.bins = bins  # the caller's array: identity check per call, no copy
-        bins = np.ascontiguousarray(bins, np.int32).reshape(-1)
-        n = bins.size
-        self.n_pixels, self.n_bins = n, n_bins
-        change = np.flatnonzero(bins[1:] != bins[:-1]) + 1
-        starts = np.concatenate(([0], change)).astype(np.int64)
-        ends = np.concatenate((change, [n])).astype(np.int64)
-        keep = bins[starts] >= 0 if n else np.zeros(0, bool)
-        self.run_start = np.ascontiguousarray(starts[keep], np.int32)
-        self.run_len = np.ascontiguousarray(ends[keep] - starts[keep], np.int32)
-        self.run_bin = np.ascontiguousarray(bins[starts[keep]], np.int32)
+        self.n_pixels, self.n_bins = int(np.size(bins)), n_bins
+        self.chunk_start, self.chunk_code = bin_chunks(bins)
         self.sum = np.zeros(n_bins, np.float64)
         self.sumsq = np.zeros(n_bins, np.float64)
         self.excluded = np.zeros(n_bins, np.int32)
         self.binmax = np.zeros(n_bins, np.float64)
-        cap = self.run_start.size + n // 16 + 1
+        self.work = np.zeros(4 * n_bins, np.int64)
+        n = self.n_pixels
+        cap = self.chunk_start.size + 1
         self.span_start = np.empty(cap, np.int32)
         self.span_len = np.empty(cap, np.int32)
         self.span_max = np.empty(cap, np.float64)
+        self.span_bin = np.empty(cap, np.int32)
         self.visited = np.zeros(n, np.uint8)
         self.stack = np.empty(n + 1, np.int32)
         self.counts = np.zeros(3, np.int64)  # n_spans, n_lit, n_nonfinite
@@ -270,16 +450,32 @@ class CKernels(NumpyKernels):
         if lib.lcls_abi_version() != ABI_VERSION:
             raise OSError(f"{path}: kernel ABI {lib.lcls_abi_version()} != {ABI_VERSION}")
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-        lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, P, ctypes.c_int32, P, P, D, D, D, D,
-                                        P, P, P, P, P, P, P, P, P]
+        lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P, D, D, D, D,
+                                        P, P, P, P, P, P, P, P, P, P, P]
         lib.lcls_accumulate.restype = I
+        lib.lcls_profile_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P,
+                                                D, D, D, P, P, P, P]
+        lib.lcls_profile_accumulate.restype = I
+        lib.lcls_panel_common_mode.argtypes = [P, I, I64, P, ctypes.c_int32, P, P, D, D, D, D,
+                                               ctypes.c_int32, P, P, P, P]
+        lib.lcls_panel_common_mode.restype = I
+        lib.lcls_simd_level.argtypes = [I]
+        lib.lcls_simd_level.restype = I
         lib.lcls_find_peaks.argtypes = [P, I, I64, I64, I64, P, P, P, D, D, D, P, P, P, I,
-                                        I64, I64, P, P, P, I64, P, P, P]
+                                        I64, I64, P, P, P, P, I64, P, P, P]
         lib.lcls_find_peaks.restype = I
         self.lib, self.path = lib, path
 
     def workspace(self, bins, n_bins):
         return _CWorkspace(bins, n_bins)
+
+    def simd_level(self, max_level=None):
+        """SIMD level of the uint16 paths: 0 scalar, 1 SSE2, 2 AVX2 (run-time detection).
+
+        ``max_level`` caps it for this process (the tests run every path); returns the
+        level in use.
+        """
+        return int(self.lib.lcls_simd_level(-1 if max_level is None else int(max_level)))
 
     @staticmethod
     def _check(flat, bins, ws, n_bins=None):
@@ -297,21 +493,65 @@ class CKernels(NumpyKernels):
         self._check(flat, bins, ws, n_bins)
         (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_accumulate(
-            flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.run_start.size,
-            ws.run_start.ctypes.data,
-            ws.run_len.ctypes.data, ws.run_bin.ctypes.data, n_bins,
+            flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.chunk_start.size,
+            ws.chunk_start.ctypes.data, ws.chunk_code.ctypes.data, n_bins,
             _ptr(off_px), _ptr(sc_px), off, sc, float(hot), float(cand_thr),
             ws.sum.ctypes.data, ws.sumsq.ctypes.data, ws.excluded.ctypes.data,
-            ws.binmax.ctypes.data,
+            ws.binmax.ctypes.data, ws.work.ctypes.data,
             ws.span_start.ctypes.data, ws.span_len.ctypes.data, ws.span_max.ctypes.data,
-            ws.counts.ctypes.data, ws.out.ctypes.data)
+            ws.span_bin.ctypes.data, ws.counts.ctypes.data, ws.out.ctypes.data)
         if rc != 0:
             raise ValueError(f"lcls_accumulate failed ({rc})")
         n_spans, n_lit, n_nonfinite = (int(x) for x in ws.counts)
         return Accumulation(sum=ws.sum, sumsq=ws.sumsq, excluded=ws.excluded, binmax=ws.binmax,
                             span_start=ws.span_start[:n_spans], span_len=ws.span_len[:n_spans],
                             span_max=ws.span_max[:n_spans], n_lit=n_lit,
-                            vmax=float(ws.out[0]), n_nonfinite=n_nonfinite)
+                            vmax=float(ws.out[0]), n_nonfinite=n_nonfinite,
+                            span_bin=ws.span_bin[:n_spans])
+
+    def profile_accumulate(self, flat, bins, n_bins, offset, scale, hot, ws=None):
+        if ws is None:
+            ws = self.workspace(bins, n_bins)
+        self._check(flat, bins, ws, n_bins)
+        (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
+        rc = self.lib.lcls_profile_accumulate(
+            flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.chunk_start.size,
+            ws.chunk_start.ctypes.data, ws.chunk_code.ctypes.data, n_bins,
+            _ptr(off_px), _ptr(sc_px), off, sc, float(hot),
+            ws.sum.ctypes.data, ws.excluded.ctypes.data, ws.work.ctypes.data,
+            ws.counts.ctypes.data)
+        if rc != 0:
+            raise ValueError(f"lcls_profile_accumulate failed ({rc})")
+        return ProfileAccumulation(sum=ws.sum, excluded=ws.excluded,
+                                   n_nonfinite=int(ws.counts[0]))
+
+    def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None):
+        if flat.dtype not in DTYPE_CODES or not flat.flags.c_contiguous or flat.ndim != 1:
+            raise ValueError("frame must be a flat C-contiguous array (see as_kernel_input)")
+        if panel.dtype != np.int32 or panel.shape != flat.shape or not panel.flags.c_contiguous:
+            raise ValueError("panel must be C-contiguous int32 of the frame size")
+        if getattr(ws, "cm_checked", None) is not panel:  # once per panel array
+            if panel.size and int(panel.max()) >= n_panels:
+                raise ValueError("panel ids must be < n_panels")
+            if ws is not None:
+                ws.cm_checked = panel
+        lo, n_hist = _common_mode_range(below)
+        cells = 4 * n_panels * (n_hist + 1)  # four partial histograms
+        buf = getattr(ws, "cm", None)
+        if buf is None or buf[0].size != cells or buf[3].size != flat.size:
+            buf = (np.zeros(cells, np.int64), np.zeros(cells, np.float64),
+                   np.zeros(n_panels, np.float64), np.empty(flat.size, np.float32))
+            if ws is not None:
+                ws.cm = buf
+        count, total, median, out = buf
+        (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
+        rc = self.lib.lcls_panel_common_mode(
+            flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, panel.ctypes.data, n_panels,
+            _ptr(off_px), _ptr(sc_px), off, sc, float(below), lo, n_hist,
+            count.ctypes.data, total.ctypes.data, median.ctypes.data, out.ctypes.data)
+        if rc != 0:
+            raise ValueError(f"lcls_panel_common_mode failed ({rc})")
+        return CommonMode(median=median, offset=out)
 
     def find_peaks(self, flat, block_shape, bins, offset, scale, hot, thr, bg, panel,
                    connectivity, min_pix, max_pix, acc, ws=None):
@@ -336,13 +576,19 @@ class CKernels(NumpyKernels):
         # spans are ascending and non-overlapping (see Accumulation): check the ends only
         if start.size and (start[0] < 0 or int(start[-1]) + int(length[-1]) > flat.size):
             raise ValueError("candidate spans outside the frame")
+        span_bin = acc.span_bin
+        if span_bin is not None and span_bin.base is not ws.span_bin:  # not from this workspace
+            span_bin = np.ascontiguousarray(span_bin, np.int32)
+            if span_bin.size != start.size or (span_bin.size and (
+                    int(span_bin.min()) < 0 or int(span_bin.max()) >= ws.n_bins)):
+                raise ValueError("span_bin must hold one bin (0 <= bin < n_bins) per span")
         (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_find_peaks(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], n_mod, ny, nx, bins.ctypes.data,
             _ptr(off_px), _ptr(sc_px), off, sc, float(hot), thr.ctypes.data, bg.ctypes.data,
             _ptr(panel), int(connectivity), int(min_pix), int(max_pix),
-            start.ctypes.data, length.ctypes.data, vmax.ctypes.data, start.size,
-            ws.visited.ctypes.data,
+            start.ctypes.data, length.ctypes.data, vmax.ctypes.data, _ptr(span_bin),
+            start.size, ws.visited.ctypes.data,
             ws.stack.ctypes.data, ws.out.ctypes.data + 8)
         if rc != 0:
             raise ValueError(f"lcls_find_peaks failed ({rc})")

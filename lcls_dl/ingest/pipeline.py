@@ -681,13 +681,10 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
     t_start = time.perf_counter()
     settings = dict(settings)
     chunk_size = settings.pop("chunk_size", DEFAULT_CHUNK_SIZE)
-    plan, error, pres = None, None, None
+    plan, error = None, None
     if rank == 0:
         try:
             plan = plan_ingest(inputs, out_dir, **settings, **reader_options)
-            if plan["todo"] or not plan["n_frames"]:
-                pres = _Preprocessors(plan["params"])
-                plan["shapes"], plan["scalar_names"] = _shapes(plan, pres)
         except Exception as exc:  # any failure: the other ranks must not wait in the barrier
             error = exc
     if comm is not None:
@@ -697,6 +694,11 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
             raise PeerError(error_msg)
     if error is not None:
         raise error
+    pres = _Preprocessors(plan["params"])
+    if plan["todo"] or not plan["n_frames"]:
+        # every rank builds its preprocessor (q map, bin tables) at the same time, after
+        # the plan: rank 0 alone before the broadcast would keep the others waiting
+        plan["shapes"], plan["scalar_names"] = _shapes(plan, pres)
     log.debug("rank %d: plan ready after %.2f s (%d shards to do)", rank,
               time.perf_counter() - t_start, len(plan["todo"]))
     up_to_date = (not plan["todo"] and all(v["where"] == "final" for v in plan["keep"].values())
@@ -715,7 +717,6 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
         total = sum(sum(b - a for _, a, b, _ in plan["segments"][k]) for k in plan["todo"])
         bar = progress(total=total, desc="ingest", unit="frame")
     cache = _SourceCache(plan["sources"], plan["options"])
-    pres = pres or _Preprocessors(plan["params"])
     summaries, first_error = {}, None
     try:
         os.makedirs(plan["staging"], exist_ok=True)

@@ -6,7 +6,9 @@ at predict time (the parameters are stored in ``manifest.json`` and ``model.json
 1. **Photons**: ``v = (raw - pedestal - dark) / (adu_per_photon * gain)`` for every pixel
    that the mask keeps and whose momentum transfer q lies in ``[q_min, q_max)``. Pixels
    above ``hot_pixel_photons`` are excluded from this frame; non-finite values in such
-   pixels raise :class:`~lcls_dl.errors.InputError`.
+   pixels raise :class:`~lcls_dl.errors.InputError`. With ``common_mode="panel-median"``
+   each panel's common mode (median of its unmasked pixels below
+   ``common_mode_below`` photons, this frame) is subtracted from its pixels first.
 2. **Fused accumulation** (one pass, C kernel): per (q, phi) bin the sum and the sum of
    squares of ``v``; the largest pixel; candidate peak pixels.
 3. **Radial profile** ``I(q)``: mean photons per pixel in each of ``n_q`` q bins (the same
@@ -91,6 +93,9 @@ SNR_SCALAR_NAMES = (
     "n_snr_bins",            # fine (q, phi) bins whose max local SNR exceeds snr_count_min
 )
 
+#: Per-frame common-mode corrections (:attr:`PreprocessParams.common_mode`).
+COMMON_MODES = ("none", "panel-median")
+
 #: Names of the polar image channels (``image[..., c]``), for ``image_channels`` = 2.
 IMAGE_CHANNELS = ("mean", "max_snr")
 
@@ -146,6 +151,14 @@ class PreprocessParams:
         blank frame (sigma ~ 0) does not divide by zero.
     snr_count_min : float
         Local SNR above which a bin counts in the ``n_snr_bins`` scalar.
+    common_mode : {"none", "panel-median"}
+        Per-frame baseline correction: ``panel-median`` subtracts from every panel (the
+        ``panel_ids`` of :class:`FramePreprocessor`, else the modules of a 3-D stack, else
+        the whole frame) the median of its unmasked pixels below ``common_mode_below``
+        photons (the pixels without a photon), computed from a 1/128-photon histogram
+        (:meth:`~lcls_dl.ingest.kernels.NumpyKernels.common_mode`).
+    common_mode_below : float
+        Photon limit of the pixels the common mode is taken from.
     """
 
     q_min: float = 0.5
@@ -168,6 +181,8 @@ class PreprocessParams:
     image_channels: int = 2
     snr_sigma_floor: float = 0.2
     snr_count_min: float = 5.0
+    common_mode: str = "none"
+    common_mode_below: float = 0.5
 
     def __post_init__(self):
         self.image_shape = tuple(int(x) for x in self.image_shape)
@@ -195,6 +210,12 @@ class PreprocessParams:
             raise ConfigError("peak_connectivity must be 4 or 8", "preprocessing")
         if not self.adu_per_photon > 0:
             raise ConfigError("adu_per_photon must be > 0", "preprocessing")
+        if self.common_mode not in COMMON_MODES:
+            raise ConfigError(f"unknown common_mode {self.common_mode!r} (one of "
+                              f"{', '.join(COMMON_MODES)})", "preprocessing")
+        self.common_mode_below = float(self.common_mode_below)
+        if not np.isfinite(self.common_mode_below):
+            raise ConfigError("common_mode_below must be finite", "preprocessing")
 
     def q_edges(self):
         """Edges of the ``n_q`` profile bins, float64, (n_q + 1,), 1/angstrom."""
@@ -332,6 +353,10 @@ class FramePreprocessor:
         self._static_image = self._to_image(self.static_counts)
         self._static_covered = self._static_image > 0
         self._fill = _fill_plan(self._static_covered)
+        # counts floored at 1: x / count is then x where covered and 0 / 1 = 0 elsewhere
+        # (no pixel, so the sum is 0), the same as a division restricted to covered bins
+        self._static_radial_1 = np.maximum(self._static_radial, 1)
+        self._static_image_1 = np.maximum(self._static_image, 1)
 
         # ADU -> photons: v = (raw - offset) * scale, scalars or per-pixel float32
         pedestal = 0.0 if p.pedestal is None else float(p.pedestal)
@@ -364,6 +389,19 @@ class FramePreprocessor:
             self.panel_ids = np.ascontiguousarray(panel_ids.astype(np.int32).reshape(-1))
         self._ws = self.kernels.workspace(self.bins, self.n_bins)
         self._profile_bins = self._profile_ws = None
+        self._cm_panel = None
+        if p.common_mode == "panel-median":
+            # panel of every unmasked pixel (ids made 0..n-1), -1 for the others
+            if self.panel_ids is not None:
+                ids = self.panel_ids
+            else:  # modules of a 3-D stack, or the whole frame
+                ids = np.repeat(np.arange(self.block_shape[0], dtype=np.int32),
+                                self.block_shape[1] * self.block_shape[2])
+            good = mask.astype(bool).reshape(-1) & (ids >= 0)
+            uniq, inv = np.unique(ids[good], return_inverse=True)
+            self._cm_panel = np.full(ids.size, -1, np.int32)
+            self._cm_panel[good] = inv.astype(np.int32)
+            self._cm_n = max(int(uniq.size), 1)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -409,21 +447,23 @@ class FramePreprocessor:
             raise InputError(f"frame dtype {a.dtype} is not a real number type", where)
         return as_kernel_input(a)
 
-    def _sums(self, flat, bins, n_bins, ws, cand_thr, where):
-        """One accumulation pass of ``flat`` over ``bins``; refuses non-finite used pixels."""
-        acc = self.kernels.accumulate(flat, bins, n_bins, self.offset, self.scale, self.hot,
-                                      cand_thr, ws)
+    def _frame_offset(self, flat):
+        """ADU offset of this frame: the static one, plus the common mode when enabled."""
+        if self._cm_panel is None:
+            return self.offset
+        return self.kernels.common_mode(flat, self._cm_panel, self._cm_n, self.offset, self.scale,
+                                        self.params.common_mode_below, self._ws).offset
+
+    def _accumulate(self, frame, where):
+        """Fused pass over the fine bins; refuses non-finite used pixels."""
+        flat = self._prepare(frame, where)
+        offset = self._frame_offset(flat)
+        acc = self.kernels.accumulate(flat, self.bins, self.n_bins, offset, self.scale, self.hot,
+                                      self.params.peak_min_photons, self._ws)
         if acc.n_nonfinite:
             raise InputError(f"frame has {acc.n_nonfinite} non-finite pixels", where)
-        return acc
-
-    def _accumulate(self, frame, where, cand_thr=None):
-        flat = self._prepare(frame, where)
-        if cand_thr is None:
-            cand_thr = self.params.peak_min_photons
-        acc = self._sums(flat, self.bins, self.n_bins, self._ws, cand_thr, where)
         counts = self.static_counts - acc.excluded if acc.excluded.any() else None
-        return flat, acc, counts
+        return flat, offset, acc, counts
 
     def _radial_counts(self, counts):
         return self._static_radial if counts is None else self._to_radial(counts)
@@ -432,17 +472,21 @@ class FramePreprocessor:
     def profile(self, frame, where=None):
         """Radial profile only: mean photons per q bin, float64 (n_q,), 0 where empty.
 
-        The same accumulation kernel as :meth:`__call__` (same masking, hot-pixel and
-        non-finite handling), run on the profile's q bins instead of the fine (q, phi)
-        bins: longer runs of equal bins and a table of n_q entries make it faster when
-        only I(q) is wanted. No peak candidates, no peak finding, no transform.
+        The same pixels as :meth:`__call__` (same masking, hot-pixel and non-finite
+        handling) summed by the profile-only kernel
+        (:meth:`~lcls_dl.ingest.kernels.NumpyKernels.profile_accumulate`) over the
+        profile's q bins: no squares, maxima or peak candidates, longer chunks of equal
+        bins. No peak finding, no transform.
         """
         flat = self._prepare(frame, where)
         if self._profile_ws is None:  # built on first use: __call__ never needs it
             self._profile_bins = self.profile_bin.reshape(-1)
             self._profile_ws = self.kernels.workspace(self._profile_bins, self.params.n_q)
-        acc = self._sums(flat, self._profile_bins, self.params.n_q, self._profile_ws, np.inf,
-                         where)
+        acc = self.kernels.profile_accumulate(flat, self._profile_bins, self.params.n_q,
+                                              self._frame_offset(flat), self.scale, self.hot,
+                                              self._profile_ws)
+        if acc.n_nonfinite:
+            raise InputError(f"frame has {acc.n_nonfinite} non-finite pixels", where)
         s, c = acc.sum, self._static_radial - acc.excluded
         return np.divide(s, c, out=np.zeros_like(s, dtype=np.float64), where=c > 0)
 
@@ -469,32 +513,35 @@ class FramePreprocessor:
             Wrong shape or dtype, or non-finite values in used pixels.
         """
         p = self.params
-        flat, acc, counts = self._accumulate(frame, where)
+        flat, offset, acc, counts = self._accumulate(frame, where)
 
-        # radial statistics -> per-bin peak thresholds
+        # radial statistics -> per-bin peak thresholds (bins without pixels: sums 0, mean 0)
         rs, rq, rc = self._to_radial(acc.sum), self._to_radial(acc.sumsq), self._radial_counts(counts)
         used = rc > 0
-        mean = np.divide(rs, rc, out=np.zeros_like(rs), where=used)
-        var = np.divide(rq, rc, out=np.zeros_like(rq), where=used) - mean * mean
-        sigma = np.sqrt(np.maximum(var, 0.0))
+        rc1 = self._static_radial_1 if counts is None else np.maximum(rc, 1)
+        mean = rs / rc1
+        var = rq / rc1
+        var -= mean * mean
+        sigma = np.sqrt(np.maximum(var, 0.0, out=var), out=var)
         thr = np.where(used, np.maximum(p.peak_min_photons, mean + p.peak_min_snr * sigma), np.inf)
         n_peaks, peak_photons, _ = self.kernels.find_peaks(
-            flat, self.block_shape, self.bins, self.offset, self.scale, self.hot,
+            flat, self.block_shape, self.bins, offset, self.scale, self.hot,
             self._per_bin(thr), self._per_bin(mean), self.panel_ids,
             p.peak_connectivity, p.peak_min_pixels, p.peak_max_pixels, acc, self._ws)
 
         # polar image: mean per (q, phi) bin, empty bins interpolated along phi
         isum = self._to_image(acc.sum)
         if counts is None:
-            icnt, covered, (t, lo, hi, w) = self._static_image, self._static_covered, self._fill
+            icnt1, covered, (t, lo, hi, w) = self._static_image_1, self._static_covered, self._fill
         else:
             icnt = self._to_image(counts)
+            icnt1 = np.maximum(icnt, 1)
             covered = icnt > 0
             if np.array_equal(covered, self._static_covered):
                 t, lo, hi, w = self._fill
             else:  # hot or non-finite pixels emptied a bin in this frame
                 t, lo, hi, w = _fill_plan(covered)
-        image = np.divide(isum, icnt, out=np.zeros(isum.shape), where=covered)
+        image = isum / icnt1
         flat_img = image.reshape(-1)
         flat_img[t] = (1.0 - w) * flat_img[lo] + w * flat_img[hi]
         snr = None
@@ -503,8 +550,10 @@ class FramePreprocessor:
             # (profile bin, fine bins of it) view: broadcast the q-bin statistics
             x = acc.binmax.reshape(p.n_q, -1) - mean[:, None]
             var = (sigma * sigma + p.snr_sigma_floor ** 2)[:, None]
+            noise = np.maximum(x, 0.0)
+            noise += var
             with np.errstate(invalid="ignore"):
-                fine = (x / np.sqrt(var + np.maximum(x, 0.0))).reshape(-1)
+                fine = np.divide(x, np.sqrt(noise, out=noise), out=x).reshape(-1)
             fine[~np.isfinite(fine)] = -np.inf  # bins without an included pixel
             max_snr = max(float(fine.max()), 0.0)
             n_snr_bins = int(np.count_nonzero(fine > p.snr_count_min))
@@ -521,8 +570,9 @@ class FramePreprocessor:
         profile = mean.astype(np.float32)
         if transform is not None:
             inv = np.float32(1.0 / (max(frame_mean, p.norm_floor) * p.transform_scale))
-            image = transform(image * inv)
-            profile = transform(profile * inv)
+            image *= inv
+            profile *= inv
+            image, profile = transform(image), transform(profile)
         if snr is not None:
             snr = snr.astype(np.float32)
             image = np.stack([image, snr if transform is None else transform(snr)], axis=-1)
