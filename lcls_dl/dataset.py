@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from .errors import InputError
+from .hdf5_filters import register_filters
 
 MANIFEST = "manifest.json"
 DATASET_SCHEMA_VERSION = 1
@@ -74,6 +75,7 @@ class Dataset:
     """
 
     def __init__(self, path, use_label_store=True):
+        register_filters()  # the shards' images are Blosc-compressed
         self.path = os.fspath(path)
         self.manifest = load_manifest(self.path)
         self.checksum = manifest_checksum(os.path.join(self.path, MANIFEST))

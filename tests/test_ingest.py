@@ -125,6 +125,23 @@ def test_info_dataset_and_model(tmp_path, run_dir, cli):
     assert r.returncode == 1 and r.stderr.startswith("lcls-dl: error:")
 
 
+def test_shards_blosc_images_despite_a_foreign_hdf5_plugin_path(tmp_path, run_dir, cli):
+    """Shard images are Blosc-compressed; netCDF4's wheel points HDF5_PLUGIN_PATH at its own
+    filters (another libhdf5), which must not replace hdf5plugin's in lcls-dl."""
+    netCDF4 = pytest.importorskip("netCDF4")
+    plugins = os.path.join(os.path.dirname(netCDF4.__file__), "plugins")
+    out = tmp_path / "data"
+    cli("ingest", run_dir, "--out", out, "--shard-size", "4", *FLAGS, *SMALL_FLAGS, check=True,
+        env={"HDF5_PLUGIN_PATH": plugins})
+    with h5py.File(out / "shard-00000.h5", "r") as f:
+        dcpl = f["image"].id.get_create_plist()
+        assert [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())] == [32001]  # Blosc
+        assert f["image"].chunks[0] == 1
+    ds = Dataset(out)
+    image = ds.read([0, 5], ("image",))["image"]
+    assert image.shape == (2, 16, 32, 2) and np.isfinite(image).all() and image.std() > 0
+
+
 def test_resume_after_kill_keeps_finished_shards(tmp_path, run_dir, monkeypatch):
     out = str(tmp_path / "data")
     real = pipeline.build_shard

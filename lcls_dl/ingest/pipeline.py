@@ -440,12 +440,41 @@ def _resume(out_dir, staging, keys, force, spec, ConfigError):
 
 
 # -- working ----------------------------------------------------------------------------------
+class ReadBuffer:
+    """One array reused for every chunk of frames read (each valid until the next call).
+
+    Fresh memory costs a page fault per 4 KiB on first touch: 2-10 ms per 4.6 MB CSPAD
+    frame on this machine, more than reading the frame from the page cache (~1 ms).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> buf = ReadBuffer()
+    >>> src = SimpleNamespace(frame_shape=(4, 6), dtype=np.uint16)
+    >>> a = buf(src, 3)
+    >>> a.shape, a.dtype, buf(src, 2).base is a.base
+    ((3, 4, 6), dtype('uint16'), True)
+    """
+
+    def __init__(self):
+        self._raw = None
+
+    def __call__(self, src, n):
+        """An uninitialized ``(n, *src.frame_shape)`` array of ``src.dtype``."""
+        shape, dtype = (int(n),) + tuple(src.frame_shape), np.dtype(src.dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if self._raw is None or self._raw.nbytes < size:
+            self._raw = np.empty(max(size, 1), np.uint8)
+        return self._raw[:size].view(dtype).reshape(shape)
+
+
 class _SourceCache:
     """Keep the last few sources open (a shard usually reads one or two files)."""
 
     def __init__(self, sources, options, size=2):
         self.sources, self.options, self.size = sources, options, size
         self._open = {}
+        self.buffer = ReadBuffer()
 
     def get(self, i):
         src = self._open.pop(i, None)
@@ -514,7 +543,7 @@ def build_shard(plan, k, cache, pres, chunk_size=DEFAULT_CHUNK_SIZE, on_frames=N
                        "scalars": scal[kept].astype(np.float32)}
                 scalar_names = meta["scalar_names"]
             else:
-                frames = src.read(a, b)
+                frames = src.read(a, b, out=cache.buffer(src, b - a))
                 pre = pres.get(src.geometry)
                 scalar_names = list(pre.scalar_names)
                 out, kept = _process(pre, frames, where_of, skip_bad, bad)
@@ -870,6 +899,7 @@ def iter_preprocessed(paths, preprocessing_dict, batch_size=DEFAULT_CHUNK_SIZE, 
     want_names = preprocessing_dict.get("scalar_names")
     params = None if tabular else _params_obj(preprocessing_dict)
     pres = None if tabular else _Preprocessors(params)
+    buffer = ReadBuffer()
     for path, name in expand_inputs(paths):
         try:
             src = open_source(path, name=name, **options)
@@ -902,7 +932,8 @@ def iter_preprocessed(paths, preprocessing_dict, batch_size=DEFAULT_CHUNK_SIZE, 
                         raise InputError("this lcls-dl computes other scalar features than the "
                                          "model was trained on", path)
                     bad = []
-                    out, kept = _process(pre, src.read(a, b), where_of, skip_bad, bad)
+                    frames = src.read(a, b, out=buffer(src, b - a))
+                    out, kept = _process(pre, frames, where_of, skip_bad, bad)
                     for item in bad:
                         log.warning("skipping %s: %s", item["where"], item["what"])
                     if out is None:

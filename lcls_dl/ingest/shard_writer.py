@@ -17,8 +17,13 @@ file       (N,)             str       source file (relative to the input root)
 event      (N,)             int64     event index within the file
 ========== ================ ========= =====================================================
 
-Arrays are chunked one frame per chunk row group and gzip-compressed (level 1: cheap
-to write, ~2x smaller). The shard appears under its final name only when complete.
+Per-frame arrays are chunked one frame per chunk. ``image`` and ``profile`` are
+compressed with Blosc LZ4 after a byte shuffle (through ``hdf5plugin``, a dependency:
+``import hdf5plugin`` before reading shards with h5py yourself): 22% smaller than raw
+float32 on simulated CSPAD frames and as fast to write, where gzip level 1 saved 25% but
+cost 2.2 ms per frame (a 20-frame shard: 11 ms raw or LZ4, 54 ms gzip-1). The smaller
+columns stay gzip-compressed (readable by any HDF5). The shard appears under its final
+name only when complete.
 """
 import hashlib
 import os
@@ -27,6 +32,7 @@ import h5py
 import numpy as np
 
 from ..atomic import atomic_path
+from ..hdf5_filters import register_filters
 
 SHARD_SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
@@ -56,8 +62,8 @@ def write_shard(path, image, profile, scalars, scalar_names, label, ids, files, 
             f.attrs["schema_version"] = SHARD_SCHEMA_VERSION
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
-            _put(f, "image", np.asarray(image, np.float32))
-            _put(f, "profile", np.asarray(profile, np.float32))
+            _put(f, "image", np.asarray(image, np.float32), fast=True)
+            _put(f, "profile", np.asarray(profile, np.float32), fast=True)
             ds = _put(f, "scalars", np.asarray(scalars, np.float32).reshape(n, -1))
             ds.attrs["names"] = np.array(list(scalar_names), dtype=object).astype(STR) \
                 if len(scalar_names) else np.zeros(0, STR)
@@ -69,10 +75,18 @@ def write_shard(path, image, profile, scalars, scalar_names, label, ids, files, 
             "bytes": os.path.getsize(path)}
 
 
-def _put(f, name, arr):
+def _put(f, name, arr, fast=False):
     # HDF5 refuses empty chunks: zero-size columns (a tabular dataset's image) stay contiguous
     chunks = (1,) + arr.shape[1:] if arr.ndim > 1 and arr.size else None
-    kwargs = dict(compression="gzip", compression_opts=1, shuffle=True) if arr.size else {}
+    if not arr.size:
+        kwargs = {}
+    elif fast:
+        import hdf5plugin
+
+        register_filters()
+        kwargs = dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    else:
+        kwargs = dict(compression="gzip", compression_opts=1, shuffle=True)
     return f.create_dataset(name, data=arr, chunks=chunks, **kwargs)
 
 

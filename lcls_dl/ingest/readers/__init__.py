@@ -87,8 +87,14 @@ class FrameSource:
         self.labels = None
         self.calibration = {}
 
-    def read(self, start, stop):
-        """Frames ``start:stop`` as an array ``(stop - start, *frame_shape)``."""
+    def read(self, start, stop, out=None):
+        """Frames ``start:stop`` as an array ``(stop - start, *frame_shape)``.
+
+        ``out``, an array of that shape and ``self.dtype``, is filled and returned where
+        the reader can (HDF5 frames datasets): reusing one buffer spares the page faults
+        of fresh memory, which cost more than the read itself for CSPAD-size frames.
+        Readers that cannot ignore it and return a new array.
+        """
         raise InputError(f"reader {self.reader} cannot read frames", self.path)
 
     def close(self):
@@ -148,8 +154,8 @@ class HDF5Source(FrameSource):
         g = geometry_from_options(self.frame_shape, options, self.path, base)
         return apply_mask(g, load_mask(mask_path, self.frame_shape))
 
-    def read(self, start, stop):
-        return read_rows(self._dset, start, stop, self.where(start))
+    def read(self, start, stop, out=None):
+        return read_rows(self._dset, start, stop, self.where(start), out=out)
 
     def close(self):
         try:
@@ -186,7 +192,10 @@ def units_of(dset, default):
 def open_h5(path):
     """Open an HDF5 file read-only (compression plugins loaded) or raise InputError."""
     import h5py
-    import hdf5plugin  # noqa: F401  (registers bitshuffle, LZ4, Blosc filters)
+
+    from ...hdf5_filters import register_filters
+
+    register_filters()  # bitshuffle, LZ4, Blosc
 
     if not os.path.exists(path):
         raise InputError("no such file", path)
@@ -216,10 +225,22 @@ def _short(exc):
     return " ".join(str(exc).split())[:200]
 
 
-def read_rows(dset, start, stop, where, frame_shape=None):
-    """Read ``dset[start:stop]`` turning HDF5 failures into InputError (truncated data...)."""
+def read_rows(dset, start, stop, where, frame_shape=None, out=None):
+    """Read ``dset[start:stop]`` turning HDF5 failures into InputError (truncated data...).
+
+    With ``out`` (C-contiguous, ``(stop - start, *dset.shape[1:])``, ``dset.dtype``) the
+    rows are read into it and it is returned.
+    """
+    start, stop = max(int(start), 0), min(int(stop), int(dset.shape[0]))
+    stop = max(start, stop)
     try:
-        data = dset[start:stop]
+        if (out is not None and out.shape == (stop - start,) + tuple(dset.shape[1:])
+                and out.dtype == dset.dtype and out.flags.c_contiguous):
+            if stop > start:
+                dset.read_direct(out, np.s_[start:stop])
+            data = out
+        else:
+            data = dset[start:stop]
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise InputError(f"cannot read frames {start}-{stop - 1}: {_short(exc)}",
                          where) from None

@@ -75,9 +75,9 @@ class CheetahSource(HDF5Source):
             self.geometry = self._flag_geometry(options, mask,
                                                 {"distance": distance, "energy_ev": energy})
 
-    def read(self, start, stop):
+    def read(self, start, stop, out=None):
         if not self._single:
-            return super().read(start, stop)
+            return super().read(start, stop, out=out)
         if min(stop, self.n_frames) <= max(start, 0):
             return np.zeros((0,) + self.frame_shape, self.dtype)
         try:

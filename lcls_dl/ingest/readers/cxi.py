@@ -183,6 +183,6 @@ class CXISource(HDF5Source):
         return {"distance": None if options.get("distance_mm") else self._distance(),
                 "energy_ev": None if options.get("energy_ev") else self._energy_ev()}
 
-    def read(self, start, stop):
-        data = super().read(start, stop)
+    def read(self, start, stop, out=None):
+        data = super().read(start, stop, out=None if self._asics else out)
         return asics_to_modules(data) if self._asics else data

@@ -150,13 +150,18 @@ class NexusSource(HDF5Source):
             raise InputError("beam centre given as a length but no pixel size", where)
         return to_metres(dset, "m", where) / pixel_size
 
-    def read(self, start, stop):
+    def read(self, start, stop, out=None):
         start, stop = max(start, 0), min(stop, self.n_frames)
         stop = max(start, stop)
-        out = np.empty((stop - start,) + self.frame_shape, self.dtype)
+        shape = (stop - start,) + self.frame_shape
+        if out is None or out.shape != shape or out.dtype != self.dtype:
+            out = np.empty(shape, self.dtype)
         for offset, dset, where in self._parts:
             lo, hi = max(start, offset), min(stop, offset + dset.shape[0])
             if lo < hi:
-                out[lo - start:hi - start] = read_rows(dset, lo - offset, hi - offset,
-                                                       f"{where} frame {lo - offset}")
+                part = out[lo - start:hi - start]
+                got = read_rows(dset, lo - offset, hi - offset, f"{where} frame {lo - offset}",
+                                out=part if dset.dtype == self.dtype else None)
+                if got is not part:
+                    part[...] = got
         return out

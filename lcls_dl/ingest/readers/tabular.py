@@ -167,8 +167,8 @@ class TabularSource(FrameSource):
         finally:
             ds.close()
 
-    def read(self, start, stop):
-        """Profiles of rows ``start:stop`` ``(k, Q)``."""
+    def read(self, start, stop, out=None):
+        """Profiles of rows ``start:stop`` ``(k, Q)`` (``out`` is not used)."""
         return self.profile[start:stop]
 
     def read_table(self, start, stop):
