@@ -11,7 +11,8 @@ b. ``bench_preprocess``: frames/s of the full per-frame preprocessing (profile, 
    peak finding, scalars) on the CSPAD slab geometry (1480x1552, 64 ASIC panels), C kernels
    and numpy reference; and with the optional per-panel common mode (C kernels).
 c. ``bench_ingest``: end-to-end ``lcls-dl ingest`` of a simulated CSPAD run (uncompressed
-   CXI, ``--e2e-frames`` frames) with ``--np 1`` and ``--np 2``; the ratio is np=2 over np=1,
+   CXI, ``--e2e-frames`` frames, default 1920; ``--e2e-workdir DIR`` keeps the 8.8 GB run for
+   the next time) with ``--np 1`` and ``--np 2``; the ratio is np=2 over np=1,
    wall clock of the whole command (interpreter and mpiexec start-up included) and, in the
    note, the in-job rate the command reports (see ``ingest_e2e_bench.py``).
 
@@ -25,7 +26,7 @@ machine), and the ratios of both to the part's reference (pyFAI histogram for a,
 
 Run::
 
-    python benchmarks/ingest_bench.py --frames 50 --parts a,b,c
+    python benchmarks/ingest_bench.py --frames 50 --parts a,b,c --e2e-workdir /tmp/ingest-e2e
 """
 import os
 
@@ -205,14 +206,16 @@ def bench_preprocess(n_frames=50, seed=0):
     return rows
 
 
-E2E_FRAMES = 480
+#: frames of part c's run: 16 s of beam at 120 Hz, 8.8 GB of uncompressed CSPAD frames (at
+#: 480 frames, ~0.5 s of per-rank set-up and start-up weighed on a 3 s job)
+E2E_FRAMES = 1920
 
 
-def bench_ingest(n_frames=None, seed=0, e2e_frames=E2E_FRAMES):
+def bench_ingest(n_frames=None, seed=0, e2e_frames=E2E_FRAMES, e2e_workdir=None):
     """Part c: rows for ``lcls-dl ingest --np 1`` and ``--np 2`` on a simulated CSPAD run."""
     from ingest_e2e_bench import bench_ingest_e2e  # a sibling script in benchmarks/
 
-    res = bench_ingest_e2e(e2e_frames, nps=(1, 2), seed=seed, repeat=2)
+    res = bench_ingest_e2e(e2e_frames, nps=(1, 2), workdir=e2e_workdir, seed=seed, repeat=2)
     rows = []
     base = res["results"][0]
     for r in res["results"]:
@@ -247,6 +250,8 @@ def main(argv=None):
     ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a,b,c)")
     ap.add_argument("--e2e-frames", type=int, default=E2E_FRAMES,
                     help=f"frames of the simulated run for part c (default {E2E_FRAMES})")
+    ap.add_argument("--e2e-workdir", help="keep part c's simulated run here and reuse it "
+                    "(default: a temporary directory)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -259,7 +264,8 @@ def main(argv=None):
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, frames={args.frames}")
     rows = []
     for p in parts:
-        extra = {"e2e_frames": args.e2e_frames} if p == "c" else {}
+        extra = {"e2e_frames": args.e2e_frames, "e2e_workdir": args.e2e_workdir} \
+            if p == "c" else {}
         rows += PARTS[p](args.frames, args.seed, **extra)
     print(format_table(rows))
     return rows
