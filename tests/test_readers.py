@@ -112,6 +112,27 @@ def test_nexus_external_links_compressed_units(tmp_path, compression):
         assert not g.mask[0, 0] and g.mask[1, 1]
 
 
+def test_nexus_data_files_of_different_dtypes_read_without_overflow(tmp_path):
+    """A run continued at a higher bit depth: uint16 then uint32 data files."""
+    first = frames(2).astype(np.uint16)
+    second = frames(2).astype(np.uint32) + 70000          # does not fit in uint16
+    for i, part in enumerate((first, second), start=1):
+        with h5py.File(tmp_path / f"z_data_{i:06d}.h5", "w") as f:
+            f["entry/data/data"] = part
+    m = tmp_path / "z_master.h5"
+    with h5py.File(m, "w") as f:
+        for i in (1, 2):
+            f[f"entry/data/data_{i:06d}"] = h5py.ExternalLink(f"z_data_{i:06d}.h5",
+                                                               "/entry/data/data")
+    with open_source(str(m), pixel_size_um=75.0, distance_mm=120.0, energy_ev=9500.0) as src:
+        assert src.dtype == np.uint32
+        got = src.read(0, 4)
+        np.testing.assert_array_equal(got, np.concatenate([first.astype(np.uint32), second]))
+        buf = np.empty((3, SS, FS), np.uint32)                 # a reused read buffer
+        assert src.read(1, 4, out=buf) is buf
+        np.testing.assert_array_equal(buf, got[1:4])
+
+
 def test_nexus_missing_link_target_is_input_error(tmp_path):
     m = tmp_path / "y_master.h5"
     with h5py.File(m, "w") as f:

@@ -92,6 +92,9 @@ class NexusSource(HDF5Source):
             self._parts.append((offset, dset, where))
             offset += int(dset.shape[0])
         self._use_frames(self._parts[0][1], n_frames=offset)
+        # data files written with different dtypes (e.g. a run continued at another bit
+        # depth): read all as one type that holds every part's values
+        self.dtype = np.result_type(*[dset.dtype for _, dset, _ in self._parts])
         self.geometry = self._geometry(options, mask)
 
     def _geometry(self, options, mask_path):
