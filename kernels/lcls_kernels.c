@@ -19,7 +19,8 @@ int lcls_abi_version(void) { return LCLS_KERNELS_ABI; }
 #define CONV_SCALAR(T, i) (((double)((const T *)frame)[i] - offset) * scale)
 #define CONV_PIXEL(T, i)                                                      \
     (((double)((const T *)frame)[i] -                                        \
-      (offset_px ? (double)offset_px[i] : offset)) *                         \
+      (offset_px ? (double)offset_px[i]                                      \
+       : offset_d ? offset + (double)offset_d[i] : offset)) *                 \
      (scale_px ? (double)scale_px[i] : scale))
 
 /* chunk code: bin << 4 | (length - 1) */
@@ -74,7 +75,9 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
 /* One chunk of an integer frame, pixel by pixel: raw values above raw_hot are
  * excluded, those >= raw_cand are lit. */
 #define DEFINE_CHUNK_INT(NAME, T)                                             \
-    static inline void NAME(const T *restrict f, int64_t s, int64_t len,      \
+    static inline void NAME(const T *restrict f,                              \
+                            const int16_t *restrict d, int64_t s,             \
+                            int64_t len,                                      \
                             int64_t b, int64_t raw_hot, int64_t raw_cand,     \
                             int64_t *restrict w, int32_t *restrict excluded,  \
                             double offset, double scale,                      \
@@ -82,7 +85,7 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
     {                                                                         \
         int64_t a = 0, q = 0, c = 0, m = W_NONE, lit = 0;                     \
         for (int64_t i = s; i < s + len; i++) {                               \
-            const int64_t x = f[i];                                           \
+            const int64_t x = (int64_t)f[i] - (d ? (int64_t)d[i] : 0);        \
             if (x <= raw_hot) {                                               \
                 a += x; q += x * x; c++;                                      \
                 m = x > m ? x : m;                                            \
@@ -103,7 +106,8 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
             (*ns)++;                                                          \
         }                                                                     \
     }                                                                         \
-    static void NAME##_all(const void *frame, int64_t k0, int64_t k1,         \
+    static void NAME##_all(const void *frame, const int16_t *restrict d,      \
+                           int64_t k0, int64_t k1,                            \
                            const int32_t *restrict cs,                        \
                            const uint32_t *restrict cc, int64_t raw_hot,      \
                            int64_t raw_cand, int64_t *restrict w,             \
@@ -112,7 +116,7 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
                            int64_t *nl)                                       \
     {                                                                         \
         for (int64_t k = k0; k < k1; k++)                                     \
-            NAME((const T *)frame, cs[k], CHUNK_LEN(cc[k]), CHUNK_BIN(cc[k]), \
+            NAME((const T *)frame, d, cs[k], CHUNK_LEN(cc[k]), CHUNK_BIN(cc[k]), \
                  raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);  \
     }
 
@@ -124,7 +128,8 @@ DEFINE_CHUNK_INT(chunk_i16, int16_t)
 
 /* Profile only: sums and counts of included raw values per bin. */
 #define DEFINE_PCHUNK_INT(NAME, T)                                            \
-    static void NAME(const void *frame, int64_t k0, int64_t k1,               \
+    static void NAME(const void *frame, const int16_t *restrict d,            \
+                     int64_t k0, int64_t k1,                                  \
                      const int32_t *restrict cs, const uint32_t *restrict cc, \
                      int64_t raw_hot, int64_t *restrict w,                    \
                      int32_t *restrict excluded)                              \
@@ -135,7 +140,7 @@ DEFINE_CHUNK_INT(chunk_i16, int16_t)
             const int64_t b = CHUNK_BIN(cc[k]);                               \
             int64_t a = 0, c = 0;                                             \
             for (int64_t i = s; i < e; i++) {                                 \
-                const int64_t x = f[i];                                       \
+                const int64_t x = (int64_t)f[i] - (d ? (int64_t)d[i] : 0);    \
                 if (x <= raw_hot) { a += x; c++; } else excluded[b]++;        \
             }                                                                 \
             w[2 * b] += a; w[2 * b + 1] += c;                                 \
@@ -163,12 +168,13 @@ static const uint16_t lane_mask_src[32] = {
 #if defined(__GNUC__)
 __attribute__((noinline))
 #endif
-static void chunk_u16_slow(const uint16_t *f, int64_t s, int64_t len, int64_t b,
+static void chunk_u16_slow(const uint16_t *f, const int16_t *d, int64_t s,
+                           int64_t len, int64_t b,
                            int64_t raw_hot, int64_t raw_cand, int64_t *w,
                            int32_t *excluded, double offset, double scale,
                            struct lcls_spans *sp, int64_t *ns, int64_t *nl)
 {
-    chunk_u16(f, s, len, b, raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);
+    chunk_u16(f, d, s, len, b, raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);
 }
 
 static inline int64_t hsum_epi32(__m128i x)
@@ -204,7 +210,7 @@ static void acc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
         const __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
         const __m128i over = _mm_or_si128(_mm_subs_epu16(lo, smallv), _mm_subs_epu16(hi, smallv));
         if (_mm_movemask_epi8(_mm_cmpeq_epi16(over, zero)) != 0xFFFF) {
-            chunk_u16_slow(f, s, len, b, raw_hot, raw_cand, w, excluded, offset,
+            chunk_u16_slow(f, NULL, s, len, b, raw_hot, raw_cand, w, excluded, offset,
                            scale, sp, &ns, &nl);
             n_slow++;
             continue;
@@ -260,7 +266,7 @@ static void pacc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
         const __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
         const __m128i over = _mm_or_si128(_mm_subs_epu16(lo, smallv), _mm_subs_epu16(hi, smallv));
         if (_mm_movemask_epi8(_mm_cmpeq_epi16(over, zero)) != 0xFFFF) {
-            pchunk_u16(f, k, k + 1, cs, cc, raw_hot, w, excluded);
+            pchunk_u16(f, NULL, k, k + 1, cs, cc, raw_hot, w, excluded);
             continue;
         }
         w[2 * b] += hsum_epi32(_mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones)));
@@ -275,8 +281,10 @@ static void pacc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
 #define LCLS_HAVE_AVX2 1
 #include <immintrin.h>
 
-__attribute__((target("avx2")))
-static void acc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
+/* (always inlined into two specialisations: with and without d) */
+__attribute__((target("avx2"), always_inline))
+static inline void acc_avx2_u16_body(const uint16_t *restrict f, const int16_t *restrict d,
+                         int64_t n_fast,
                          const int32_t *restrict cs, const uint32_t *restrict cc,
                          int64_t raw_hot, int64_t raw_cand, int64_t *restrict w,
                          int32_t *restrict excluded, double offset, double scale,
@@ -285,7 +293,8 @@ static void acc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
     const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
     const int64_t small = raw_hot < 16383 ? raw_hot : 16383;
     const __m256i smallv = _mm256_set1_epi16((short)(uint16_t)small);
-    const __m256i candm1 = _mm256_set1_epi16((short)(uint16_t)(raw_cand - 1));
+    const int64_t cm1 = raw_cand - 1 < 65535 ? raw_cand - 1 : 65535;
+    const __m256i candm1 = _mm256_set1_epi16((short)(uint16_t)cm1);
     __m256i notlit = zero;
     int32_t *restrict span_start = sp->start, *restrict span_len = sp->len;
     int32_t *restrict span_bin = sp->bin;
@@ -297,9 +306,23 @@ static void acc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
         const int64_t b = CHUNK_BIN(code), len = CHUNK_LEN(code);
         PREFETCH_FRAME(f, s);
         const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask_src + 16 - len));
-        const __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
-        if ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_subs_epu16(x, smallv), zero)) != 0xFFFFFFFFu) {
-            chunk_u16_slow(f, s, len, b, raw_hot, raw_cand, w, excluded, offset,
+        __m256i x, over;
+        if (d) {
+            /* y = raw - d: exact when raw <= 32767 (sign bit clear) and the
+             * signed saturating difference lies in [0, small] (a saturated
+             * one is -32768 or 32767, outside) */
+            PREFETCH_FRAME(d, s);
+            const __m256i raw = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
+            x = _mm256_and_si256(
+                _mm256_subs_epi16(raw, _mm256_loadu_si256((const __m256i *)(d + s))), m);
+            over = _mm256_or_si256(_mm256_subs_epu16(x, smallv),
+                                   _mm256_and_si256(raw, _mm256_set1_epi16((short)0x8000)));
+        } else {
+            x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
+            over = _mm256_subs_epu16(x, smallv);
+        }
+        if ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi16(over, zero)) != 0xFFFFFFFFu) {
+            chunk_u16_slow(f, d, s, len, b, raw_hot, raw_cand, w, excluded, offset,
                            scale, sp, &ns, &nl);
             n_slow++;
             continue;
@@ -333,6 +356,21 @@ static void acc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
 }
 
 __attribute__((target("avx2")))
+static void acc_avx2_u16(const uint16_t *restrict f, const int16_t *restrict d,
+                         int64_t n_fast, const int32_t *restrict cs,
+                         const uint32_t *restrict cc, int64_t raw_hot, int64_t raw_cand,
+                         int64_t *restrict w, int32_t *restrict excluded, double offset,
+                         double scale, struct lcls_spans *sp, int64_t *ns_io, int64_t *nl_io)
+{
+    if (d)
+        acc_avx2_u16_body(f, d, n_fast, cs, cc, raw_hot, raw_cand, w, excluded, offset,
+                          scale, sp, ns_io, nl_io);
+    else
+        acc_avx2_u16_body(f, NULL, n_fast, cs, cc, raw_hot, raw_cand, w, excluded, offset,
+                          scale, sp, ns_io, nl_io);
+}
+
+__attribute__((target("avx2")))
 static void pacc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
                           const int32_t *restrict cs, const uint32_t *restrict cc,
                           int64_t raw_hot, int64_t *restrict w,
@@ -349,7 +387,7 @@ static void pacc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
         const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask_src + 16 - len));
         const __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
         if ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_subs_epu16(x, smallv), zero)) != 0xFFFFFFFFu) {
-            pchunk_u16(f, k, k + 1, cs, cc, raw_hot, w, excluded);
+            pchunk_u16(f, NULL, k, k + 1, cs, cc, raw_hot, w, excluded);
             continue;
         }
         const __m256i s8 = _mm256_madd_epi16(x, ones);
@@ -402,17 +440,19 @@ static int64_t fast_chunks(const int32_t *cs, int64_t n_chunks, int64_t n_pixels
 }
 #endif
 
-/* Integer frame with a scalar offset and scale > 0 whose photon values are
- * finite: the exact integer paths apply. Sets the raw range of the dtype. */
+/* Integer frame with a scalar offset (plus, optionally, integer per-pixel
+ * offsets offset_d) and scale > 0 whose photon values are finite: the exact
+ * integer paths apply, on raw - offset_d. Sets the range of those values. */
 static int int_path(int dtype, const float *offset_px, const float *scale_px,
-                    double offset, double scale, int64_t *lo, int64_t *hi)
+                    const int16_t *offset_d, double offset, double scale,
+                    int64_t *lo, int64_t *hi)
 {
     static const int64_t los[4] = {0, -128, 0, -32768};
     static const int64_t his[4] = {255, 127, 65535, 32767};
     if (offset_px || scale_px || !(scale > 0) || dtype < LCLS_U8 || dtype > LCLS_I16)
         return 0;
-    *lo = los[dtype];
-    *hi = his[dtype];
+    *lo = los[dtype] - (offset_d ? 32767 : 0);
+    *hi = his[dtype] + (offset_d ? 32768 : 0);
     return isfinite(((double)*lo - offset) * scale) && isfinite(((double)*hi - offset) * scale);
 }
 
@@ -422,13 +462,14 @@ static int int_path(int dtype, const float *offset_px, const float *scale_px,
     static void NAME(const void *restrict frame, int64_t n_chunks,            \
                      const int32_t *restrict cs, const uint32_t *restrict cc, \
                      const float *restrict offset_px,                         \
-                     const float *restrict scale_px, double offset,           \
+                     const float *restrict scale_px,                          \
+                     const int16_t *restrict offset_d, double offset,         \
                      double scale, double hot, double cand_thr,               \
                      double *restrict sum, double *restrict sumsq,            \
                      int32_t *restrict excluded, double *restrict bmax,       \
                      struct lcls_spans *sp, int64_t *counts)                  \
     {                                                                         \
-        (void)offset_px; (void)scale_px;                                      \
+        (void)offset_px; (void)scale_px; (void)offset_d;                      \
         int64_t ns = 0, nl = 0, nnf = 0;                                      \
         for (int64_t k = 0; k < n_chunks; k++) {                              \
             const int64_t s = cs[k], e = s + CHUNK_LEN(cc[k]);                \
@@ -463,11 +504,12 @@ static int int_path(int dtype, const float *offset_px, const float *scale_px,
     static void NAME(const void *restrict frame, int64_t n_chunks,            \
                      const int32_t *restrict cs, const uint32_t *restrict cc, \
                      const float *restrict offset_px,                         \
-                     const float *restrict scale_px, double offset,           \
+                     const float *restrict scale_px,                          \
+                     const int16_t *restrict offset_d, double offset,         \
                      double scale, double hot, double *restrict sum,          \
                      int32_t *restrict excluded, int64_t *counts)             \
     {                                                                         \
-        (void)offset_px; (void)scale_px;                                      \
+        (void)offset_px; (void)scale_px; (void)offset_d;                      \
         int64_t nnf = 0;                                                      \
         for (int64_t k = 0; k < n_chunks; k++) {                              \
             const int64_t s = cs[k], e = s + CHUNK_LEN(cc[k]);                \
@@ -609,6 +651,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                     int64_t n_chunks, const int32_t *chunk_start,
                     const uint32_t *chunk_code, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
+                    const int16_t *offset_d,
                     double offset, double scale, double hot, double cand_thr,
                     double *sum, double *sumsq, int32_t *excluded, double *bmax,
                     int64_t *work,
@@ -622,7 +665,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
     if (!(hot <= DBL_MAX)) hot = DBL_MAX; /* +inf pixels are never "not hot" */
     memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
 
-    if (int_path(dtype, offset_px, scale_px, offset, scale, &lo, &hi)) {
+    if (int_path(dtype, offset_px, scale_px, offset_d, offset, scale, &lo, &hi)) {
         const int64_t raw_hot = raw_above(hot, offset, scale, lo, hi) - 1;
         const int64_t raw_cand = raw_above(cand_thr, offset, scale, lo, hi);
         int64_t ns = 0, nl = 0, k0 = 0;
@@ -632,12 +675,13 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
         }
 #ifdef LCLS_HAVE_SSE2
         const int level = simd_level();
-        if (level >= 1 && dtype == LCLS_U16 && raw_hot >= 0 && raw_cand >= 1) {
+        /* integer per-pixel offsets: AVX2 only (SSE2 and scalar: pixel by pixel) */
+        if (level >= (offset_d ? 2 : 1) && dtype == LCLS_U16 && raw_hot >= 0 && raw_cand >= 1) {
             k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
 #ifdef LCLS_HAVE_AVX2
             if (level >= 2)
-                acc_avx2_u16((const uint16_t *)frame, k0, chunk_start, chunk_code, raw_hot,
-                             raw_cand, work, excluded, offset, scale, &spans, &ns, &nl);
+                acc_avx2_u16((const uint16_t *)frame, offset_d, k0, chunk_start, chunk_code,
+                             raw_hot, raw_cand, work, excluded, offset, scale, &spans, &ns, &nl);
             else
 #endif
             acc_sse_u16((const uint16_t *)frame, k0, chunk_start, chunk_code, raw_hot,
@@ -645,7 +689,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
         }
 #endif
 #define DISPATCH(SUFFIX)                                                      \
-    chunk_##SUFFIX##_all(frame, k0, n_chunks, chunk_start, chunk_code, raw_hot, \
+    chunk_##SUFFIX##_all(frame, offset_d, k0, n_chunks, chunk_start, chunk_code, raw_hot, \
                          raw_cand, work, excluded, offset, scale, &spans, &ns, &nl)
         switch (dtype) {
         case LCLS_U8: DISPATCH(u8); break;
@@ -669,12 +713,12 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
         return 0;
     }
 
-    const int per_pixel = offset_px != NULL || scale_px != NULL;
+    const int per_pixel = offset_px != NULL || scale_px != NULL || offset_d != NULL;
     memset(sum, 0, sizeof(double) * (size_t)n_bins);
     memset(sumsq, 0, sizeof(double) * (size_t)n_bins);
     for (int32_t b = 0; b < n_bins; b++) bmax[b] = -HUGE_VAL;
 #ifdef LCLS_HAVE_AVX2
-    if (per_pixel && dtype == LCLS_U16 && simd_level() >= 2) {
+    if (per_pixel && !offset_d && dtype == LCLS_U16 && simd_level() >= 2) {
         /* SIMD chunks, then the frame's last chunks by the scalar code */
         int64_t ns = 0, nl = 0, nnf = 0, tail[3];
         const int64_t k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
@@ -683,7 +727,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                         &spans, &ns, &nl, &nnf);
         struct lcls_spans rest = {span_start + ns, span_len + ns, span_bin + ns, span_max + ns};
         acc_p_u16(frame, n_chunks - k0, chunk_start + k0, chunk_code + k0, offset_px, scale_px,
-                  offset, scale, hot, cand_thr, sum, sumsq, excluded, bmax, &rest, tail);
+                  NULL, offset, scale, hot, cand_thr, sum, sumsq, excluded, bmax, &rest, tail);
         counts[0] = ns + tail[0]; counts[1] = nl + tail[1]; counts[2] = nnf + tail[2];
         double vm = -HUGE_VAL;
         for (int32_t b = 0; b < n_bins; b++) vm = bmax[b] > vm ? bmax[b] : vm;
@@ -693,8 +737,8 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
 #endif
 #define DISPATCH(SUFFIX)                                                      \
     (per_pixel ? acc_p_##SUFFIX : acc_s_##SUFFIX)(                            \
-        frame, n_chunks, chunk_start, chunk_code, offset_px, scale_px, offset, \
-        scale, hot, cand_thr, sum, sumsq, excluded, bmax, &spans, counts)
+        frame, n_chunks, chunk_start, chunk_code, offset_px, scale_px, offset_d, \
+        offset, scale, hot, cand_thr, sum, sumsq, excluded, bmax, &spans, counts)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;
     case LCLS_I8: DISPATCH(i8); break;
@@ -716,6 +760,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
                             int64_t n_chunks, const int32_t *chunk_start,
                             const uint32_t *chunk_code, int32_t n_bins,
                             const float *offset_px, const float *scale_px,
+                            const int16_t *offset_d,
                             double offset, double scale, double hot,
                             double *sum, int32_t *excluded, int64_t *work,
                             int64_t *counts)
@@ -726,13 +771,13 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
     if (!(hot <= DBL_MAX)) hot = DBL_MAX;
     memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
 
-    if (int_path(dtype, offset_px, scale_px, offset, scale, &lo, &hi)) {
+    if (int_path(dtype, offset_px, scale_px, offset_d, offset, scale, &lo, &hi)) {
         const int64_t raw_hot = raw_above(hot, offset, scale, lo, hi) - 1;
         int64_t k0 = 0;
         memset(work, 0, sizeof(int64_t) * 2 * (size_t)n_bins);
 #ifdef LCLS_HAVE_SSE2
         const int level = simd_level();
-        if (level >= 1 && dtype == LCLS_U16 && raw_hot >= 0) {
+        if (level >= 1 && dtype == LCLS_U16 && raw_hot >= 0 && !offset_d) {
             k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
 #ifdef LCLS_HAVE_AVX2
             if (level >= 2)
@@ -745,7 +790,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
         }
 #endif
 #define DISPATCH(SUFFIX)                                                      \
-    pchunk_##SUFFIX(frame, k0, n_chunks, chunk_start, chunk_code, raw_hot, work, \
+    pchunk_##SUFFIX(frame, offset_d, k0, n_chunks, chunk_start, chunk_code, raw_hot, work, \
                     excluded)
         switch (dtype) {
         case LCLS_U8: DISPATCH(u8); break;
@@ -760,12 +805,12 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
         return 0;
     }
 
-    const int per_pixel = offset_px != NULL || scale_px != NULL;
+    const int per_pixel = offset_px != NULL || scale_px != NULL || offset_d != NULL;
     memset(sum, 0, sizeof(double) * (size_t)n_bins);
 #define DISPATCH(SUFFIX)                                                      \
     (per_pixel ? pacc_p_##SUFFIX : pacc_s_##SUFFIX)(                          \
-        frame, n_chunks, chunk_start, chunk_code, offset_px, scale_px, offset, \
-        scale, hot, sum, excluded, counts)
+        frame, n_chunks, chunk_start, chunk_code, offset_px, scale_px, offset_d, \
+        offset, scale, hot, sum, excluded, counts)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;
     case LCLS_I8: DISPATCH(i8); break;
@@ -806,6 +851,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
                      const int32_t *restrict bins,                            \
                      const float *restrict offset_px,                         \
                      const float *restrict scale_px,                          \
+                     const int16_t *restrict offset_d,                        \
                      double offset, double scale, double hot,                 \
                      const double *restrict thr, const double *restrict bg,   \
                      const int32_t *restrict panel, int connectivity,         \
@@ -898,7 +944,7 @@ int lcls_find_peaks(const void *frame, int dtype,
                     int64_t n_mod, int64_t ny, int64_t nx,
                     const int32_t *bins,
                     const float *offset_px, const float *scale_px,
-                    double offset, double scale, double hot,
+                    const int16_t *offset_d, double offset, double scale, double hot,
                     const double *thr, const double *bg,
                     const int32_t *panel, int connectivity,
                     int64_t min_pix, int64_t max_pix,
@@ -909,7 +955,8 @@ int lcls_find_peaks(const void *frame, int dtype,
     (void)n_mod;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX;
 #define DISPATCH(SUFFIX)                                                      \
-    peaks_##SUFFIX(frame, ny, nx, bins, offset_px, scale_px, offset, scale,   \
+    peaks_##SUFFIX(frame, ny, nx, bins, offset_px, scale_px, offset_d, offset, \
+                   scale,                                                     \
                    hot, thr, bg, panel, connectivity, min_pix, max_pix,       \
                    span_start, span_len, span_max, span_bin, n_spans,         \
                    visited, stack,                                            \
@@ -937,28 +984,34 @@ int lcls_find_peaks(const void *frame, int dtype,
  * four copies make four independent chains of read-modify-write instead of
  * one (the copies are added in a fixed order afterwards). */
 #define DEFINE_CM_HIST(NAME, T)                                               \
-    static void NAME(const void *restrict frame, int64_t n_pixels,            \
+    static void NAME(const void *restrict frame, int64_t n_runs,              \
+                     const int32_t *restrict run_start,                       \
                      const int32_t *restrict panel,                           \
                      const float *restrict offset_px,                         \
-                     const float *restrict scale_px, double offset,           \
+                     const float *restrict scale_px,                          \
+                     const int16_t *restrict offset_d, double offset,         \
                      double scale, double below, double lo, int32_t n_hist,   \
-                     int64_t n_panels, int64_t *restrict count,               \
-                     double *restrict sum)                                    \
+                     int64_t n_panels, int64_t stride,                        \
+                     int64_t *restrict count, double *restrict sum)           \
     {                                                                         \
         const double inv_h = (double)n_hist / (below - lo);                   \
-        for (int64_t i = 0; i < n_pixels; i++) {                              \
-            const int32_t p = panel[i];                                       \
+        for (int64_t r = 0; r < n_runs; r++) {                                \
+            const int64_t a = run_start[r], e = run_start[r + 1];             \
+            const int32_t p = panel[a];                                       \
             if (p < 0) continue;                                              \
-            const double v = CONV_PIXEL(T, i);                                \
-            if (!(v < below) || !(v >= -DBL_MAX)) continue;                   \
-            int64_t k = 0;                                                    \
-            if (v >= lo) { /* (v - lo) * inv_h >= 0: truncation is floor */   \
-                k = (int64_t)((v - lo) * inv_h) + 1;                          \
-                if (k > n_hist) k = n_hist;                                   \
+            int64_t i = a + (stride - a % stride) % stride;                   \
+            for (int64_t t = i / stride; i < e; i += stride, t++) {           \
+                const double v = CONV_PIXEL(T, i);                            \
+                if (!(v < below) || !(v >= -DBL_MAX)) continue;               \
+                int64_t k = 0;                                                \
+                if (v >= lo) { /* (v - lo) * inv_h >= 0: truncation is floor */ \
+                    k = (int64_t)((v - lo) * inv_h) + 1;                      \
+                    if (k > n_hist) k = n_hist;                               \
+                }                                                             \
+                const int64_t j = ((t & 3) * n_panels + p) * (n_hist + 1) + k; \
+                count[j]++;                                                   \
+                sum[j] += v;                                                  \
             }                                                                 \
-            const int64_t j = ((i & 3) * n_panels + p) * (n_hist + 1) + k;    \
-            count[j]++;                                                       \
-            sum[j] += v;                                                      \
         }                                                                     \
     }
 
@@ -971,24 +1024,159 @@ DEFINE_CM_HIST(cm_i32, int32_t)
 DEFINE_CM_HIST(cm_f32, float)
 DEFINE_CM_HIST(cm_f64, double)
 
+/* Integer frames (scalar offset, optional integer offset_d, scale > 0): the
+ * histogram of the sampled x = raw - offset_d per panel over the raw values
+ * x_lo..x_hi of [lo, below) (slot 0: x < x_lo, summed exactly; slot w + 1:
+ * x > x_hi, ignored), w + 2 slots a copy. The bins of the reference are
+ * unions of whole slots (k(x) is monotonic in x), so the median bin and its
+ * count are the same; its mean is v(x) for a bin of one raw value (exact,
+ * the usual case: an ADU step wider than a bin), else sum(n_x v(x)) / n. */
+#define DEFINE_CM_INT(NAME, T)                                                \
+    static void NAME(const void *restrict frame, int64_t n_runs,              \
+                     const int32_t *restrict run_start,                       \
+                     const int32_t *restrict panel,                           \
+                     const int16_t *restrict d, int64_t x_lo, int64_t w,      \
+                     int64_t n_panels, int64_t stride, int64_t ncopy,         \
+                     int64_t *restrict count, double *restrict usum)          \
+    {                                                                         \
+        const T *restrict f = (const T *)frame;                               \
+        for (int64_t r = 0; r < n_runs; r++) {                                \
+            const int64_t a = run_start[r], e = run_start[r + 1];             \
+            const int32_t p = panel[a];                                       \
+            if (p < 0) continue;                                              \
+            int64_t i = a + (stride - a % stride) % stride;                   \
+            /* integer counts: any copy will do; eight samples a step, on     \
+             * ncopy (4 or 8) copies: independent read-modify-write chains */ \
+            int64_t *const c0 = count + (size_t)p * (size_t)(w + 2);          \
+            const int64_t cstep = n_panels * (w + 2), cm = ncopy - 1;         \
+            for (; i + 7 * stride < e; i += 8 * stride) {                     \
+                int64_t x[8], sl[8], under = 0;                               \
+                for (int u = 0; u < 8; u++) {                                 \
+                    const int64_t iu = i + u * stride;                        \
+                    x[u] = (int64_t)f[iu] - (d ? (int64_t)d[iu] : 0);         \
+                    const int64_t q = x[u] - x_lo + 1;                        \
+                    sl[u] = q < 0 ? 0 : q > w + 1 ? w + 1 : q;                \
+                    under |= sl[u] == 0;                                      \
+                }                                                             \
+                for (int u = 0; u < 8; u++) c0[(u & cm) * cstep + sl[u]]++;   \
+                if (under)                                                    \
+                    for (int u = 0; u < 8; u++)                               \
+                        if (!sl[u]) usum[(u & 3) * n_panels + p] += (double)x[u]; \
+            }                                                                 \
+            for (; i < e; i += stride) {                                      \
+                const int64_t x = (int64_t)f[i] - (d ? (int64_t)d[i] : 0);    \
+                int64_t slot = x - x_lo + 1;                                  \
+                slot = slot < 0 ? 0 : slot > w + 1 ? w + 1 : slot;            \
+                c0[slot]++;                                                   \
+                if (slot == 0) usum[p] += (double)x;                          \
+            }                                                                 \
+        }                                                                     \
+    }
+
+DEFINE_CM_INT(cmi_u8, uint8_t)
+DEFINE_CM_INT(cmi_i8, int8_t)
+DEFINE_CM_INT(cmi_u16, uint16_t)
+DEFINE_CM_INT(cmi_i16, int16_t)
+
+/* Medians by the integer histogram; 0 when it does not apply (the caller
+ * then runs the float64 histogram). */
+static int cm_int_medians(const void *frame, int dtype, const int32_t *panel,
+                          int32_t n_panels, const int32_t *run_start,
+                          int64_t n_runs, const int16_t *offset_d, double offset,
+                          double scale, double below, double lo, int32_t n_hist,
+                          int64_t stride, int64_t *hist_count, double *hist_sum,
+                          double *median)
+{
+    int64_t rlo, rhi;
+    if (!int_path(dtype, NULL, NULL, offset_d, offset, scale, &rlo, &rhi)) return 0;
+    const int64_t x_lo = raw_above(nextafter(lo, -HUGE_VAL), offset, scale, rlo, rhi);
+    const int64_t x_hi = raw_above(nextafter(below, -HUGE_VAL), offset, scale, rlo, rhi) - 1;
+    const int64_t w = x_hi >= x_lo ? x_hi - x_lo + 1 : 0;
+    if (w + 2 > (int64_t)n_hist + 1) return 0; /* finer than the bins: float path */
+    const int64_t ncopy = 8 * (w + 2) <= 4 * ((int64_t)n_hist + 1) ? 8 : 4;
+    const size_t n_cells = (size_t)n_panels * (size_t)(w + 2);
+    memset(hist_count, 0, sizeof(int64_t) * (size_t)ncopy * n_cells);
+    memset(hist_sum, 0, sizeof(double) * 4 * (size_t)n_panels);
+#define DISPATCH(SUFFIX)                                                      \
+    cmi_##SUFFIX(frame, n_runs, run_start, panel, offset_d, x_lo, w, n_panels, \
+                 stride, ncopy, hist_count, hist_sum)
+    switch (dtype) {
+    case LCLS_U8: DISPATCH(u8); break;
+    case LCLS_I8: DISPATCH(i8); break;
+    case LCLS_U16: DISPATCH(u16); break;
+    default: DISPATCH(i16); break;
+    }
+#undef DISPATCH
+    const double inv_h = (double)n_hist / (below - lo);
+#define KBIN(v) (!((v) >= lo) ? 0 : ((int64_t)(((v) - lo) * inv_h) + 1 > n_hist ? n_hist \
+                 : (int64_t)(((v) - lo) * inv_h) + 1))
+#define V(x) (((double)(x) - offset) * scale)
+    for (int32_t p = 0; p < n_panels; p++) {
+        int64_t *c = hist_count + (size_t)p * (size_t)(w + 2);
+        for (int k = 1; k < ncopy; k++) {
+            const int64_t *ck = hist_count + ((size_t)k * n_panels + p) * (size_t)(w + 2);
+            for (int64_t j = 0; j <= w; j++) c[j] += ck[j];
+        }
+        const double us = (hist_sum[p] + hist_sum[n_panels + p]) +
+                          (hist_sum[2 * n_panels + p] + hist_sum[3 * n_panels + p]);
+        int64_t n = 0;
+        for (int64_t j = 0; j <= w; j++) n += c[j];
+        median[p] = 0.0;
+        if (n == 0) continue;
+        const int64_t rank = (n - 1) / 2;
+        int64_t cum = 0, j = 0;
+        for (; j <= w; j++) {
+            cum += c[j];
+            if (cum > rank) break;
+        }
+        if (j == 0) { /* under the histogram: the mean of those values */
+            median[p] = (us - (double)c[0] * offset) * scale / (double)c[0];
+            continue;
+        }
+        const int64_t kb = KBIN(V(x_lo + j - 1));
+        int64_t j0 = j, j1 = j;
+        while (j0 > 1 && KBIN(V(x_lo + j0 - 2)) == kb) j0--;
+        while (j1 < w && KBIN(V(x_lo + j1)) == kb) j1++;
+        if (kb == 0) { /* slots of bin 0 (v < lo cannot be in the window: defensive) */
+            median[p] = V(x_lo + j - 1);
+            continue;
+        }
+        int64_t nb = 0, distinct = 0, jd = j;
+        double sb = 0.0;
+        for (int64_t jj = j0; jj <= j1; jj++)
+            if (c[jj]) {
+                nb += c[jj]; sb += (double)c[jj] * V(x_lo + jj - 1);
+                distinct++; jd = jj;
+            }
+        median[p] = distinct == 1 ? V(x_lo + jd - 1) : sb / (double)nb;
+    }
+#undef KBIN
+#undef V
+    return 1;
+}
+
 int lcls_panel_common_mode(const void *frame, int dtype, int64_t n_pixels,
                            const int32_t *panel, int32_t n_panels,
+                           const int32_t *run_start, int64_t n_runs,
                            const float *offset_px, const float *scale_px,
-                           double offset, double scale, double below, double lo,
-                           int32_t n_hist, int64_t *hist_count, double *hist_sum,
-                           double *median, float *offset_out)
+                           const int16_t *offset_d, double offset, double scale,
+                           double below, double lo, int32_t n_hist, int64_t stride,
+                           int64_t *hist_count, double *hist_sum, double *median,
+                           float *offset_out, int16_t *offset_d_out, double d_base)
 {
-    /* per-panel offsets (scalar offset and scale), kept in the second copy of
-     * hist_sum once the copies are added up */
-    float *const panel_off = (float *)(hist_sum + (size_t)n_panels * (size_t)(n_hist + 1));
-#define median_off(p) panel_off[p]
+    (void)n_pixels;
     const size_t n_cells = (size_t)n_panels * (size_t)(n_hist + 1);
-    if (!(lo < below) || n_hist < 1) return -2;
+    if (!(lo < below) || n_hist < 1 || stride < 1) return -2;
+    if (dtype < LCLS_U8 || dtype > LCLS_F64) return -1;
+    if (!offset_px && !scale_px &&
+        cm_int_medians(frame, dtype, panel, n_panels, run_start, n_runs, offset_d, offset,
+                       scale, below, lo, n_hist, stride, hist_count, hist_sum, median))
+        goto offsets;
     memset(hist_count, 0, sizeof(int64_t) * 4 * n_cells);
     memset(hist_sum, 0, sizeof(double) * 4 * n_cells);
 #define DISPATCH(SUFFIX)                                                      \
-    cm_##SUFFIX(frame, n_pixels, panel, offset_px, scale_px, offset, scale,   \
-                below, lo, n_hist, n_panels, hist_count, hist_sum)
+    cm_##SUFFIX(frame, n_runs, run_start, panel, offset_px, scale_px, offset_d, offset, \
+                scale, below, lo, n_hist, n_panels, stride, hist_count, hist_sum)
     switch (dtype) {
     case LCLS_U8: DISPATCH(u8); break;
     case LCLS_I8: DISPATCH(i8); break;
@@ -1024,21 +1212,54 @@ int lcls_panel_common_mode(const void *frame, int dtype, int64_t n_pixels,
             }
         }
     }
-    if (offset_out && !scale_px && !offset_px) { /* scalar: one value per panel */
-        for (int32_t p = 0; p < n_panels; p++)
-            median_off(p) = (float)(scale > 0 ? offset + median[p] / scale : offset);
-        for (int64_t i = 0; i < n_pixels; i++) {
-            const int32_t p = panel[i];
-            offset_out[i] = p >= 0 ? median_off(p) : (float)offset;
-        }
-    } else if (offset_out) {
-        for (int64_t i = 0; i < n_pixels; i++) {
-            const double base = offset_px ? (double)offset_px[i] : offset;
-            const double sc = scale_px ? (double)scale_px[i] : scale;
-            const int32_t p = panel[i];
-            offset_out[i] = (float)(p >= 0 && sc > 0 ? base + median[p] / sc : base);
+offsets:;
+    const int per_pixel = offset_px || scale_px || offset_d;
+#define BASE(i)                                                               \
+    (offset_px ? (double)offset_px[i] : offset_d ? offset + (double)offset_d[i] : offset)
+#define SCALE(i) (scale_px ? (double)scale_px[i] : scale)
+#define PIXEL_OFF(i, p)                                                       \
+    ((float)((p) >= 0 && SCALE(i) > 0 ? BASE(i) + median[p] / SCALE(i) : BASE(i)))
+    if (offset_d_out) { /* integer deltas from d_base, when every offset is one */
+        int ok = 1;
+        if (!per_pixel) {
+            /* one value per panel (and one for the pixels of no panel), in the
+             * second copy of hist_count once the copies are added up */
+            int64_t *const table = hist_count + n_cells;
+            for (int32_t p = -1; p < n_panels && ok; p++) {
+                const double of = (double)PIXEL_OFF(0, p), o = of - d_base;
+                ok = of == floor(of) && o >= -32768.0 && o <= 32767.0;
+                table[p + 1] = ok ? (int64_t)o : 0;
+            }
+            if (ok) {
+                for (int64_t r = 0; r < n_runs; r++) {
+                    /* bounds in locals: the stores may not alias them */
+                    const int64_t a = run_start[r], e = run_start[r + 1];
+                    const int16_t o = (int16_t)table[panel[a] + 1];
+                    int16_t *restrict out = offset_d_out;
+                    for (int64_t i = a; i < e; i++) out[i] = o;
+                }
+                return 0;
+            }
+        } else {
+            for (int64_t r = 0; r < n_runs && ok; r++) {
+                const int32_t p = panel[run_start[r]];
+                for (int64_t i = run_start[r]; i < run_start[r + 1] && ok; i++) {
+                    const double of = (double)PIXEL_OFF(i, p), o = of - d_base;
+                    ok = of == floor(of) && o >= -32768.0 && o <= 32767.0;
+                    offset_d_out[i] = ok ? (int16_t)o : 0;
+                }
+            }
+            if (ok) return 0;
         }
     }
-#undef median_off
-    return 0;
+    if (offset_out)
+        for (int64_t r = 0; r < n_runs; r++) {
+            const int32_t p = panel[run_start[r]];
+            for (int64_t i = run_start[r]; i < run_start[r + 1]; i++)
+                offset_out[i] = PIXEL_OFF(i, p);
+        }
+#undef BASE
+#undef SCALE
+#undef PIXEL_OFF
+    return offset_d_out ? 1 : 0;
 }

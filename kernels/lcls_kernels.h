@@ -17,7 +17,7 @@ enum {
 };
 
 /* Version of the kernel ABI; the loader refuses a library with another one. */
-#define LCLS_KERNELS_ABI 6
+#define LCLS_KERNELS_ABI 7
 int lcls_abi_version(void);
 
 /* Bin table of both accumulation kernels: chunks of at most 16 consecutive
@@ -30,12 +30,17 @@ int lcls_abi_version(void);
  *
  * The photon value of pixel i is
  *     v = ((double)frame[i] - off_i) * scale_i
- * with off_i = offset_px ? offset_px[i] : offset, scale_i likewise. Pixels
+ * with off_i = offset_px[i] when offset_px is not NULL, else
+ * offset + offset_d[i] when offset_d (integer ADU offsets, e.g. an integral
+ * dark frame, stored as deltas from the scalar offset) is not NULL, else
+ * offset; scale_i = scale_px ? scale_px[i] : scale. Pixels
  * with v > hot or v non-finite are excluded: excluded[bin]++ (non-finite
  * ones also counted as "non-finite"). Integer frames of at most 16 bits with
- * a scalar offset and scale > 0 are summed exactly in 64-bit integers per bin
- * (the thresholds become raw-value thresholds, the same comparisons) and
- * converted once per bin. n_pixels is the frame size (no read goes past it).
+ * a scalar offset (with or without offset_d) and scale > 0 are summed exactly
+ * in 64-bit integers per bin, on frame[i] - offset_d[i] (the thresholds
+ * become raw-value thresholds, the same comparisons), and converted once per
+ * bin; with offset_d, half the memory traffic of a float32 offset_px.
+ * n_pixels is the frame size (no read goes past it).
  * Both return 0, or -1 for an unknown dtype. */
 
 /* Fused pass: every included pixel adds v to sum[bin] and v*v to sumsq[bin]
@@ -52,6 +57,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                     int64_t n_chunks, const int32_t *chunk_start,
                     const uint32_t *chunk_code, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
+                    const int16_t *offset_d,
                     double offset, double scale, double hot, double cand_thr,
                     double *sum, double *sumsq, int32_t *excluded, double *bmax,
                     int64_t *work,
@@ -65,6 +71,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
                             int64_t n_chunks, const int32_t *chunk_start,
                             const uint32_t *chunk_code, int32_t n_bins,
                             const float *offset_px, const float *scale_px,
+                            const int16_t *offset_d,
                             double offset, double scale, double hot,
                             double *sum, int32_t *excluded, int64_t *work,
                             int64_t *counts);
@@ -93,6 +100,7 @@ int lcls_find_peaks(const void *frame, int dtype,
                     int64_t n_mod, int64_t ny, int64_t nx,
                     const int32_t *bins,
                     const float *offset_px, const float *scale_px,
+                    const int16_t *offset_d,
                     double offset, double scale, double hot,
                     const double *thr, const double *bg,
                     const int32_t *panel, int connectivity,
@@ -102,23 +110,40 @@ int lcls_find_peaks(const void *frame, int dtype,
                     int64_t n_spans, uint8_t *visited, int32_t *stack, double *out);
 
 /* Per-panel common mode: the lower median of the photon values v below
- * `below` of each panel's pixels (panel[i] in [0, n_panels), -1 = ignored;
- * non-finite values ignored), to the resolution of a histogram: bin 0 holds
- * the values under lo, bins 1..n_hist split [lo, below) evenly
+ * `below` (offsets as in the accumulation kernels) of each panel's sampled
+ * pixels (pixels i with i % stride == 0; panel[i] in [0, n_panels), -1 =
+ * ignored; non-finite values ignored), to the resolution of a histogram.
+ * The frame is read as n_runs runs of pixels of one panel id: run r is
+ * [run_start[r], run_start[r + 1]) (run_start[0] = 0, run_start[n_runs] =
+ * n_pixels, panel constant in each; panel[] is only read at run starts), so
+ * no per-pixel panel array is streamed:
+ * bin 0 holds the values under lo, bins 1..n_hist split [lo, below) evenly
  * (k = floor((v - lo) * n_hist / (below - lo)) + 1, at most n_hist), and the
  * median is the mean of the values of the bin holding the rank (n - 1) / 2
- * value (0 for a panel without such values). Pixel i is counted in copy
- * i % 4 of the histograms; the sums of a bin are added as
- * (copy0 + copy1) + (copy2 + copy3). hist_count, hist_sum:
- * 4 * n_panels * (n_hist + 1) scratch. When offset_out is not NULL it receives the
- * per-pixel offset that subtracts the median from v:
- * (float)(off_i + median[panel[i]] / scale_i) (off_i where panel[i] < 0 or
- * scale_i <= 0). Returns 0, -1 for an unknown dtype, -2 for a bad range. */
+ * value (0 for a panel without such values). Sampled pixel i is counted in
+ * copy (i / stride) % 4 of the histograms; the sums of a bin are added as
+ * (copy0 + copy1) + (copy2 + copy3). Integer frames of at most 16 bits
+ * with a scalar scale > 0 and no offset_px are histogrammed by raw value
+ * x = frame[i] - offset_d[i] instead when the raw values of [lo, below) fit
+ * in n_hist - 1 slots (exact counts, so the same median bin); the bin's mean
+ * is then v(x) when the bin holds one raw value, else sum(n_x v(x)) / n
+ * (equal to the float64 sums up to rounding). hist_count, hist_sum:
+ * 4 * n_panels * (n_hist + 1) scratch.
+ * The per-pixel offset that subtracts the median from v is
+ *     o_i = (float)(off_i + median[panel[i]] / scale_i)
+ * (off_i where panel[i] < 0 or scale_i <= 0). When offset_d_out is not NULL
+ * and every o_i - d_base is an integer in [-32768, 32767], offset_d_out
+ * receives those integers (offset_d of the other kernels with offset =
+ * d_base) and 0 is returned; otherwise offset_out (when not NULL) receives
+ * o_i and the return value is 1 with offset_d_out, 0 without. Returns -1 for
+ * an unknown dtype, -2 for a bad range or stride. */
 int lcls_panel_common_mode(const void *frame, int dtype, int64_t n_pixels,
                            const int32_t *panel, int32_t n_panels,
+                           const int32_t *run_start, int64_t n_runs,
                            const float *offset_px, const float *scale_px,
-                           double offset, double scale, double below, double lo,
-                           int32_t n_hist, int64_t *hist_count, double *hist_sum,
-                           double *median, float *offset_out);
+                           const int16_t *offset_d, double offset, double scale,
+                           double below, double lo, int32_t n_hist, int64_t stride,
+                           int64_t *hist_count, double *hist_sum, double *median,
+                           float *offset_out, int16_t *offset_d_out, double d_base);
 
 #endif

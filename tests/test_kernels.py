@@ -387,12 +387,109 @@ def test_common_mode_parity(dtype):
     scale[:50] = 0.0  # dead pixels: offset unchanged
     # "below" at ~30 % and ~60 % of the range: medians inside the histogram, and under it
     for off, sc, below in [(3.0, 4.0 / top, 1.2), (offset, 1.0, 0.3 * top),
-                           (2.0, scale, 0.6 * top), (offset, scale, 0.1 * top)]:
-        ref = NUMPY.common_mode(frame, panel, n_panels, off, sc, below)
-        got = C.common_mode(frame, panel, n_panels, off, sc, below, C.workspace(panel, 1))
-        np.testing.assert_array_equal(got.median, ref.median)
-        np.testing.assert_array_equal(got.offset, ref.offset)
-        assert ref.median[7] == 0 and np.any(ref.median[:7] != 0)
+                           (2.0, scale, 0.6 * top), (offset, scale, 0.1 * top),
+                           (-4.0, 1.0, 0.2 * top), (3.0, 0.1, 0.2 * top)]:
+        for stride in (1, 3):
+            ref = NUMPY.common_mode(frame, panel, n_panels, off, sc, below, stride=stride)
+            got = C.common_mode(frame, panel, n_panels, off, sc, below, C.workspace(panel, 1),
+                                stride=stride)
+            # the same bins and counts; the mean of the median bin is summed in another
+            # order for integer frames (C: per raw value), so it may differ in the last bit
+            np.testing.assert_allclose(got.median, ref.median, rtol=1e-13, atol=1e-15)
+            np.testing.assert_allclose(got.offset, ref.offset, rtol=1e-6, atol=1e-6)
+            assert ref.median[7] == 0 and np.any(ref.median[:7] != 0)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.float32])
+def test_common_mode_split_offsets_parity(dtype):
+    """split=True: integer offsets as SplitOffset (int16 deltas) where they are integers,
+    the float32 array otherwise; with and without an integral dark (SplitOffset input)."""
+    rng = np.random.default_rng(18)
+    n, n_panels = 5_003, 5
+    panel = np.repeat(rng.integers(-1, n_panels, n // 40 + 1), 40)[:n].astype(np.int32)
+    frame = _frame(rng, n, dtype)
+    dark = K.split_offset(np.round(rng.normal(20, 5, n)))
+    for off, sc, below in [(3.0, 1.0, 0.4 * float(frame.max())), (dark, 1.0, 30.0),
+                           (3.0, 0.5, 20.0), (dark, 0.05, 2.0)]:
+        ref = NUMPY.common_mode(frame, panel, n_panels, off, sc, below, split=True)
+        got = C.common_mode(frame, panel, n_panels, off, sc, below, C.workspace(panel, 1),
+                            split=True)
+        assert type(got.offset) is type(ref.offset)
+        np.testing.assert_allclose(got.median, ref.median, rtol=1e-13, atol=1e-15)
+        vals = [K.offset_values(x.offset) for x in (got, ref)]
+        np.testing.assert_allclose(vals[0], vals[1], rtol=1e-6)
+        plain = NUMPY.common_mode(frame, panel, n_panels, off, sc, below)
+        np.testing.assert_array_equal(K.offset_values(ref.offset), plain.offset)
+    # medians in the histogram of a frame of whole values are raw values: integer offsets
+    one = np.where(panel >= 0, 7 + (np.arange(n) % 2), 50).astype(dtype)  # 7s and 8s
+    for k in (NUMPY, C):
+        cm = k.common_mode(one, panel, n_panels, 3.0, 1.0, 5.0, C.workspace(panel, 1), split=True)
+        assert isinstance(cm.offset, K.SplitOffset)  # whole values, any dtype
+        np.testing.assert_array_equal(K.offset_values(cm.offset)[panel >= 0], 7.0)
+
+
+def test_sampled_common_mode_agrees_with_the_exact_median():
+    """Every 4th pixel (the preprocessing's stride) gives each ASIC's median within 0.01
+    photon: 185 x 194 ASICs of 0-3 photon Poisson pixels with 0.15 photon Gaussian read
+    noise, 30 ADU/photon, offsets of -0.4..0.4 photon per ASIC."""
+    rng = np.random.default_rng(19)
+    n_asic = 4
+    shape = (n_asic, 185, 194)
+    shift = rng.uniform(-0.4, 0.4, n_asic)
+    photons = rng.poisson(0.3, shape) + rng.normal(0, 0.15, shape) + shift[:, None, None]
+    frame = np.round(1000 + 30 * photons).astype(np.uint16).reshape(-1)
+    panel = np.repeat(np.arange(n_asic, dtype=np.int32), 185 * 194)
+    for k in (NUMPY,) + ((C,) if C is not None else ()):
+        exact = k.common_mode(frame, panel, n_asic, 1000.0, 1 / 30, 0.5).median
+        sampled = k.common_mode(frame, panel, n_asic, 1000.0, 1 / 30, 0.5, stride=4).median
+        np.testing.assert_allclose(sampled, exact, atol=0.01)
+        np.testing.assert_allclose(exact, shift, atol=0.05)  # it is the common mode
+        assert np.any(sampled != exact) or k is C  # sampling changes something (numpy)
+
+
+@needs_c
+def test_split_offset_accumulate_parity_at_every_simd_level(simd_levels):
+    """An integral dark as SplitOffset (int16 deltas): the same sums, maxima, spans and
+    peaks as the float32 dark, at every SIMD level, values over 32767 and under the
+    dark included."""
+    rng = np.random.default_rng(20)
+    lengths = rng.integers(1, 30, 600)
+    bins = np.repeat(rng.integers(-1, 50, lengths.size), lengths).astype(np.int32)
+    n = bins.size
+    dark = np.round(rng.normal(1500, 40, n)).astype(np.float32)
+    frame = (dark + rng.poisson(3.0, n) - rng.integers(0, 3, n)).astype(np.uint16)
+    big = rng.random(n) < 0.003
+    frame[big] = rng.integers(16000, 65536, big.sum())
+    frame[rng.random(n) < 0.002] = 0  # far under the dark
+    split = K.split_offset(dark)
+    assert split is not None and split.delta.dtype == np.int16
+    np.testing.assert_array_equal(split.values(), dark)
+    for sc in (1.0, 0.25):
+        for hot, cand in [(np.inf, 5.0), (30.0, 4.0), (np.inf, -1.0), (np.inf, np.inf)]:
+            ref = NUMPY.accumulate(frame, bins, 50, dark, sc, hot, cand)
+            pref = NUMPY.profile_accumulate(frame, bins, 50, dark, sc, hot)
+            assert _acc_same(NUMPY.accumulate(frame, bins, 50, split, sc, hot, cand), ref)
+            for level in simd_levels:
+                assert C.simd_level(level) == level
+                got = C.accumulate(frame, bins, 50, split, sc, hot, cand)
+                _assert_acc_equal(got, ref, frame, bins, dark, sc, hot, cand)
+                _assert_profile_equal(C.profile_accumulate(frame, bins, 50, split, sc, hot), pref)
+    # peaks: the same components with either offset
+    block = (1, 40, n // 40)
+    m = block[0] * block[1] * block[2]
+    f2, b2, d2 = frame[:m], (np.arange(m) % 7).astype(np.int32), dark[:m]
+    s2 = K.split_offset(d2)
+    acc = C.accumulate(f2, b2, 7, s2, 1.0, np.inf, 5.0)
+    thr, bg = np.full(7, 6.0), np.zeros(7)
+    want = NUMPY.find_peaks(f2, block, b2, d2, 1.0, np.inf, thr, bg, None, 8, 1, 100, acc)
+    assert C.find_peaks(f2, block, b2, s2, 1.0, np.inf, thr, bg, None, 8, 1, 100, acc) == want
+    assert want[0] > 0
+
+
+def _acc_same(a, b):
+    return (np.allclose(a.sum, b.sum, rtol=1e-12) and np.array_equal(a.binmax, b.binmax)
+            and np.array_equal(a.span_start, b.span_start) and a.n_lit == b.n_lit)
 
 
 def test_common_mode_median_is_the_lower_median_below_the_limit():

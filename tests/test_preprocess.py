@@ -349,3 +349,60 @@ def test_common_mode_is_recorded_and_validated():
     assert PreprocessParams.from_dict({}).common_mode == "none"  # older manifests
     with pytest.raises(ConfigError, match="common_mode"):
         params(common_mode="row-median")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integral_dark_uses_integer_offsets_with_the_same_results(backend):
+    """An integral dark frame on uint16 ADU frames goes to the kernels as int16 deltas
+    (SplitOffset; the C kernels' integer path) and gives the outputs of the photon frame;
+    a fractional dark stays float32 and matches the float computation."""
+    rng = np.random.default_rng(31)
+    q, phi = flat_maps()
+    photons = np.round(water_frame(q, rng, scale=3.0))
+    photons[40:43, 60:63] += 200  # a spot
+    ref = FramePreprocessor(q, phi, None, params(adu_per_photon=8.0), kernels=backend)(
+        (photons * 8.0).astype(np.uint16))
+    dark = np.round(rng.normal(1500, 60, q.shape))
+    raw = (photons * 8.0 + 100.0 + dark).astype(np.uint16)
+    pre = FramePreprocessor(q, phi, None, params(adu_per_photon=8.0, pedestal=100.0), dark=dark,
+                            kernels=backend)
+    flat = raw.reshape(-1)
+    assert isinstance(pre._frame_offset(flat), K.SplitOffset)
+    assert not isinstance(pre._frame_offset(flat.astype(np.float32)), K.SplitOffset)
+    out = pre(raw)
+    for key in ("image", "profile", "scalars"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(pre.profile(raw), pre.profile(raw.astype(np.float64)), rtol=1e-9,
+                               atol=1e-12)
+    frac = FramePreprocessor(q, phi, None, params(adu_per_photon=8.0, pedestal=100.0),
+                             dark=dark + 0.25, kernels=backend)
+    assert not isinstance(frac._frame_offset(flat), K.SplitOffset)
+    got = frac(raw)
+    np.testing.assert_allclose(got["profile"], frac(raw.astype(np.float64))["profile"],
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_panel_common_mode_with_integral_dark(backend):
+    """Common mode on top of an integral dark: integer offsets (dark + panel shift), and
+    the outputs of the unshifted frame."""
+    rng = np.random.default_rng(32)
+    q, phi = flat_maps(shape=(64, 96), center=(30.2, 47.6))
+    panels = (np.arange(64)[:, None] // 32) * 3 + (np.arange(96)[None, :] // 32)
+    photons = water_frame(q, rng, scale=0.8)
+    dark = np.round(rng.normal(900, 30, q.shape))
+    raw = (dark + 20 * photons).astype(np.uint16)
+    shift = np.array([-9, 7, 3, -4, 8, -6])
+    shifted = (raw.astype(int) + shift[panels]).astype(np.uint16)
+    base = dict(q_min=0.0, q_max=4.0, n_q=16, image_shape=(16, 32), adu_per_photon=20.0,
+                peak_min_snr=3.0, peak_min_pixels=2)
+    cm = FramePreprocessor(q, phi, None, params(common_mode="panel-median", **base), dark=dark,
+                           panel_ids=panels, kernels=backend)
+    plain = FramePreprocessor(q, phi, None, params(**base), dark=dark, panel_ids=panels,
+                              kernels=backend)
+    off = cm._frame_offset(shifted.reshape(-1))
+    assert isinstance(off, K.SplitOffset)
+    np.testing.assert_array_equal(off.values(), (dark + shift[panels]).reshape(-1))
+    want, got = plain(raw), cm(shifted)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -13,7 +13,12 @@ These kernels do all the per-pixel work of :class:`lcls_dl.ingest.preprocess.Fra
     excluded (hot or non-finite) pixels -- no squares, maxima or candidates.
 ``common_mode`` (optional)
     Per-panel common mode: the median of each panel's photon values below ~0.5 photon
-    (from a small histogram), returned as the per-pixel offset that subtracts it.
+    (from a small histogram of every ``stride``-th pixel), returned as the per-pixel
+    offset that subtracts it (a :class:`SplitOffset` of int16 deltas where it is whole
+    ADU, as on integer frames). The C kernel histograms integer frames by raw value
+    (exact counts, the same median bin; the bin's mean is summed per raw value, so it
+    may differ from the reference in the last bit) and reads the panel ids once per run
+    of equal ids.
 ``find_peaks``
     Grow connected components of peak pixels (value above a per-bin threshold) from the
     candidate spans, inside one detector block/panel, and count those of acceptable size.
@@ -30,7 +35,10 @@ ones otherwise, with one :class:`KernelFallbackWarning`. The environment variabl
 (error if the extension is missing) or ``auto`` (default).
 
 Photon value of pixel ``i``: ``v = (float64(frame[i]) - offset_i) * scale_i`` where
-``offset``/``scale`` are scalars or per-pixel float32 arrays.
+``offset``/``scale`` are scalars or per-pixel float32 arrays; ``offset`` may also be a
+:class:`SplitOffset` (integer ADU offsets, e.g. an integral dark frame, as int16 deltas from
+a base: half the memory traffic of float32, and integer frames stay on the exact integer
+path of the C kernels).
 """
 import ctypes
 import importlib.util
@@ -41,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: ABI version the loader expects from ``lcls_dl._kernels`` (``LCLS_KERNELS_ABI``).
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 #: Frame dtypes the C kernels read directly (others are converted to float64 first).
 DTYPE_CODES = {
@@ -120,6 +128,75 @@ class ProfileAccumulation:
     n_nonfinite: int
 
 
+@dataclass(eq=False)
+class SplitOffset:
+    """Per-pixel integer ADU offsets ``base + delta[i]`` (``delta`` int16, flat frame size).
+
+    The same photon values as the float32 array :meth:`values` (every value is an integer
+    below 2**24 in magnitude, exact in float32), with 2 bytes per pixel instead of 4; the C
+    kernels keep integer frames (uint8/int8/uint16/int16, scalar scale) on their exact
+    integer path with it. Build it with :func:`split_offset`.
+    """
+
+    base: float
+    delta: np.ndarray
+
+    def values(self):
+        """The offsets as float64 (n,)."""
+        return self.base + self.delta.astype(np.float64)
+
+
+#: Preferred base of :func:`split_offset`: frames then lie in ``[0, 16383]`` after
+#: subtracting ``delta`` (the C kernels' vector path) from 1024 ADU below the offset to
+#: 15359 above it.
+SPLIT_OFFSET_BASE = 1024.0
+
+
+def split_offset(offset):
+    """``offset`` (per-pixel array) as a :class:`SplitOffset`, or None where it is not one.
+
+    It is one when every value is an integer and the values span less than 65536 ADU; the
+    base is :data:`SPLIT_OFFSET_BASE` where the deltas fit in int16, else the nearest base
+    that makes them fit.
+
+    Examples
+    --------
+    >>> s = split_offset(np.array([1500.0, 1490.0, 1512.0], np.float32))
+    >>> s.base, s.delta.tolist()
+    (1024.0, [476, 466, 488])
+    >>> split_offset(np.array([1500.5])) is None
+    True
+    """
+    a = np.asarray(offset, np.float64).reshape(-1)
+    if a.size == 0 or not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+        return None
+    lo_, hi_ = float(a.min()), float(a.max())
+    if hi_ - lo_ > 65535 or max(abs(lo_), abs(hi_)) >= 2 ** 24:
+        return None
+    base = min(max(SPLIT_OFFSET_BASE, hi_ - 32767.0), lo_ + 32768.0)
+    return SplitOffset(base, np.ascontiguousarray((a - base).astype(np.int16)))
+
+
+def _panel_runs(panel):
+    """Starts of the runs of equal consecutive panel ids, then ``panel.size`` (int32)."""
+    if panel.size == 0:
+        return np.zeros(1, np.int32)  # no run
+    change = np.flatnonzero(panel[1:] != panel[:-1]) + 1
+    return np.ascontiguousarray(np.concatenate(([0], change, [panel.size])), np.int32)
+
+
+def _split_base(offset):
+    """Base of the split offsets that :meth:`~NumpyKernels.common_mode` returns."""
+    return offset.base if isinstance(offset, SplitOffset) else SPLIT_OFFSET_BASE
+
+
+def offset_values(offset):
+    """Scalar offset as float, per-pixel offsets (array or :class:`SplitOffset`) as an array."""
+    if isinstance(offset, SplitOffset):
+        return offset.values()
+    return offset
+
+
 @dataclass
 class CommonMode:
     """Result of :meth:`common_mode` (arrays may be reused workspace).
@@ -128,12 +205,14 @@ class CommonMode:
     ----------
     median : ndarray of float64, (n_panels,)
         Common mode of each panel, photons (0 for a panel without pixels below the limit).
-    offset : ndarray of float32, (n,)
-        Per-pixel offset that subtracts it: ``offset_i + median[panel_i] / scale_i``.
+    offset : ndarray of float32, (n,), or SplitOffset
+        Per-pixel offset that subtracts it: ``float32(offset_i + median[panel_i] / scale_i)``;
+        with ``split=True``, a :class:`SplitOffset` of the same values where they are all
+        integers that fit (:func:`split_offset`).
     """
 
     median: np.ndarray
-    offset: np.ndarray
+    offset: object
 
 
 #: Common-mode histogram: photons below the limit covered, and bins per photon.
@@ -161,7 +240,7 @@ def as_kernel_input(frame):
 
 def photons(flat, offset, scale):
     """Photon values ``(float64(flat) - offset) * scale`` (reference definition)."""
-    return (flat.astype(np.float64) - offset) * scale
+    return (flat.astype(np.float64) - offset_values(offset)) * scale
 
 
 class NumpyKernels:
@@ -245,24 +324,33 @@ class NumpyKernels:
             excluded=np.bincount(bins[inside & ~good], minlength=n_bins).astype(np.int32),
             n_nonfinite=int(np.count_nonzero(inside & ~finite)))
 
-    def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None):
+    def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None, stride=1,
+                    split=False):
         """Per-panel common mode (median of the "no photon" pixels) and its correction.
 
         For each panel, the lower median of the finite photon values ``v < below`` of its
-        pixels (``panel`` int32, (n,), ids ``0..n_panels-1``, -1 = not used), to the
-        resolution of a histogram: bin 0 holds the values under
-        ``lo = below - COMMON_MODE_RANGE``, ``COMMON_MODE_BINS_PER_PHOTON`` bins per
-        photon split ``[lo, below)``, and the median is the mean of the values of the bin
-        holding the rank ``(n - 1) // 2`` value (exact for integer ADU frames whose ADU
-        step is above 1/128 photon). The values of a bin are summed in four parts (pixel
-        index modulo 4) added as ``(s0 + s1) + (s2 + s3)``, as the C kernel does.
+        sampled pixels (pixel index ``i % stride == 0``; ``panel`` int32, (n,), ids
+        ``0..n_panels-1``, -1 = not used), to the resolution of a histogram: bin 0 holds
+        the values under ``lo = below - COMMON_MODE_RANGE``,
+        ``COMMON_MODE_BINS_PER_PHOTON`` bins per photon split ``[lo, below)``, and the
+        median is the mean of the values of the bin holding the rank ``(n - 1) // 2``
+        value (exact for integer ADU frames whose ADU step is above 1/128 photon). The
+        values of a bin are summed in four parts (sample index ``i // stride`` modulo 4)
+        added as ``(s0 + s1) + (s2 + s3)``, as the C kernel does.
+
+        Sampling (``stride > 1``) is deterministic: always the same pixels. On a
+        185 x 194 ASIC, ``stride=4`` leaves ~9,000 pixels and the median moves by less
+        than 0.01 photon (``tests/test_kernels.py`` checks it on Poisson frames with
+        Gaussian read noise).
 
         Returns
         -------
         CommonMode
             ``offset`` (float32, (n,)): ``offset_i + median[panel_i] / scale_i``, the
             offset that removes the common mode (``offset_i`` where ``panel_i < 0`` or
-            ``scale_i <= 0``).
+            ``scale_i <= 0``); with ``split``, a :class:`SplitOffset` of the same values
+            when they are all integers whose deltas from the base (that of ``offset`` when
+            it is a :class:`SplitOffset`, else :data:`SPLIT_OFFSET_BASE`) fit in int16.
 
         Examples
         --------
@@ -276,6 +364,7 @@ class NumpyKernels:
         v = photons(flat, offset, scale)
         with np.errstate(invalid="ignore"):
             ok = (panel >= 0) & (v < below) & (v >= -np.finfo(np.float64).max)
+        ok &= np.arange(flat.size) % int(stride) == 0
         vo = v[ok]
         k = np.zeros(vo.size, np.int64)
         up = vo >= lo
@@ -284,7 +373,7 @@ class NumpyKernels:
         cell = panel[ok].astype(np.int64) * (n_hist + 1) + k
         size = n_panels * (n_hist + 1)
         # four partial histograms (pixel index % 4) added in a fixed order, like the C kernel
-        part = np.flatnonzero(ok) % 4
+        part = (np.flatnonzero(ok) // int(stride)) % 4
         sums = [np.bincount(cell[part == r], weights=vo[part == r], minlength=size)
                 for r in range(4)]
         count = np.bincount(cell, minlength=size).reshape(n_panels, n_hist + 1)
@@ -294,12 +383,19 @@ class NumpyKernels:
         at = np.argmax(cum > ((n - 1) // 2)[:, None], axis=1)
         rows = np.arange(n_panels)
         median = np.where(n > 0, total[rows, at] / np.maximum(count[rows, at], 1), 0.0)
-        base = np.broadcast_to(np.asarray(offset, np.float64), flat.shape)
+        base = np.broadcast_to(np.asarray(offset_values(offset), np.float64), flat.shape)
         sc = np.broadcast_to(np.asarray(scale, np.float64), flat.shape)
         shift = (panel >= 0) & (sc > 0)
         out = base.copy()
         out[shift] = base[shift] + median[panel[shift]] / sc[shift]
-        return CommonMode(median=median, offset=out.astype(np.float32))
+        out = out.astype(np.float32)
+        if split:
+            base = _split_base(offset)
+            o64 = out.astype(np.float64)
+            d = o64 - base
+            if np.all((o64 == np.floor(o64)) & (d >= -32768) & (d <= 32767)):
+                return CommonMode(median=median, offset=SplitOffset(base, d.astype(np.int16)))
+        return CommonMode(median=median, offset=out)
 
     def find_peaks(self, flat, block_shape, bins, offset, scale, hot, thr, bg, panel,
                    connectivity, min_pix, max_pix, acc, ws=None):
@@ -427,9 +523,21 @@ def _ptr(a):
 
 
 def _offset_args(offset, scale, n):
+    """(offset_px, offset_d, offset, scale_px, scale): per-pixel arrays or None, scalars."""
+    if isinstance(offset, SplitOffset):
+        d = offset.delta
+        if d.dtype != np.int16 or d.shape != (n,) or not d.flags.c_contiguous:
+            raise ValueError("SplitOffset.delta must be C-contiguous int16 of the frame size")
+        (sc_px, sc), = _offset_args_plain((scale,), n)
+        return None, d, float(offset.base), sc_px, sc
+    (off_px, off), (sc_px, sc) = _offset_args_plain((offset, scale), n)
+    return off_px, None, off, sc_px, sc
+
+
+def _offset_args_plain(values, n):
     """Split offset/scale into (per-pixel pointer or None, scalar) pairs."""
     args = []
-    for x in (offset, scale):
+    for x in values:
         if np.ndim(x) == 0:
             args.append((None, float(x)))
         else:
@@ -450,18 +558,19 @@ class CKernels(NumpyKernels):
         if lib.lcls_abi_version() != ABI_VERSION:
             raise OSError(f"{path}: kernel ABI {lib.lcls_abi_version()} != {ABI_VERSION}")
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-        lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P, D, D, D, D,
+        lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P, P, D, D, D, D,
                                         P, P, P, P, P, P, P, P, P, P, P]
         lib.lcls_accumulate.restype = I
-        lib.lcls_profile_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P,
+        lib.lcls_profile_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P, P,
                                                 D, D, D, P, P, P, P]
         lib.lcls_profile_accumulate.restype = I
-        lib.lcls_panel_common_mode.argtypes = [P, I, I64, P, ctypes.c_int32, P, P, D, D, D, D,
-                                               ctypes.c_int32, P, P, P, P]
+        lib.lcls_panel_common_mode.argtypes = [P, I, I64, P, ctypes.c_int32, P, I64, P, P, P,
+                                               D, D, D, D, ctypes.c_int32, I64, P, P, P, P, P,
+                                               D]
         lib.lcls_panel_common_mode.restype = I
         lib.lcls_simd_level.argtypes = [I]
         lib.lcls_simd_level.restype = I
-        lib.lcls_find_peaks.argtypes = [P, I, I64, I64, I64, P, P, P, D, D, D, P, P, P, I,
+        lib.lcls_find_peaks.argtypes = [P, I, I64, I64, I64, P, P, P, P, D, D, D, P, P, P, I,
                                         I64, I64, P, P, P, P, I64, P, P, P]
         lib.lcls_find_peaks.restype = I
         self.lib, self.path = lib, path
@@ -491,11 +600,11 @@ class CKernels(NumpyKernels):
         if ws is None:
             ws = self.workspace(bins, n_bins)
         self._check(flat, bins, ws, n_bins)
-        (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
+        off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_accumulate(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.chunk_start.size,
             ws.chunk_start.ctypes.data, ws.chunk_code.ctypes.data, n_bins,
-            _ptr(off_px), _ptr(sc_px), off, sc, float(hot), float(cand_thr),
+            _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc, float(hot), float(cand_thr),
             ws.sum.ctypes.data, ws.sumsq.ctypes.data, ws.excluded.ctypes.data,
             ws.binmax.ctypes.data, ws.work.ctypes.data,
             ws.span_start.ctypes.data, ws.span_len.ctypes.data, ws.span_max.ctypes.data,
@@ -513,11 +622,11 @@ class CKernels(NumpyKernels):
         if ws is None:
             ws = self.workspace(bins, n_bins)
         self._check(flat, bins, ws, n_bins)
-        (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
+        off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_profile_accumulate(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.chunk_start.size,
             ws.chunk_start.ctypes.data, ws.chunk_code.ctypes.data, n_bins,
-            _ptr(off_px), _ptr(sc_px), off, sc, float(hot),
+            _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc, float(hot),
             ws.sum.ctypes.data, ws.excluded.ctypes.data, ws.work.ctypes.data,
             ws.counts.ctypes.data)
         if rc != 0:
@@ -525,32 +634,42 @@ class CKernels(NumpyKernels):
         return ProfileAccumulation(sum=ws.sum, excluded=ws.excluded,
                                    n_nonfinite=int(ws.counts[0]))
 
-    def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None):
+    def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None, stride=1,
+                    split=False):
+        if int(stride) < 1:
+            raise ValueError("stride must be >= 1")
         if flat.dtype not in DTYPE_CODES or not flat.flags.c_contiguous or flat.ndim != 1:
             raise ValueError("frame must be a flat C-contiguous array (see as_kernel_input)")
         if panel.dtype != np.int32 or panel.shape != flat.shape or not panel.flags.c_contiguous:
             raise ValueError("panel must be C-contiguous int32 of the frame size")
-        if getattr(ws, "cm_checked", None) is not panel:  # once per panel array
+        runs = getattr(ws, "cm_runs", None)
+        if getattr(ws, "cm_checked", None) is not panel or runs is None:  # once per panel array
             if panel.size and int(panel.max()) >= n_panels:
                 raise ValueError("panel ids must be < n_panels")
+            runs = _panel_runs(panel)
             if ws is not None:
-                ws.cm_checked = panel
+                ws.cm_checked, ws.cm_runs = panel, runs
         lo, n_hist = _common_mode_range(below)
         cells = 4 * n_panels * (n_hist + 1)  # four partial histograms
         buf = getattr(ws, "cm", None)
         if buf is None or buf[0].size != cells or buf[3].size != flat.size:
             buf = (np.zeros(cells, np.int64), np.zeros(cells, np.float64),
-                   np.zeros(n_panels, np.float64), np.empty(flat.size, np.float32))
+                   np.zeros(n_panels, np.float64), np.empty(flat.size, np.float32),
+                   np.empty(flat.size, np.int16))
             if ws is not None:
                 ws.cm = buf
-        count, total, median, out = buf
-        (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
+        count, total, median, out, out_d = buf
+        off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
+        base = _split_base(offset)
         rc = self.lib.lcls_panel_common_mode(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, panel.ctypes.data, n_panels,
-            _ptr(off_px), _ptr(sc_px), off, sc, float(below), lo, n_hist,
-            count.ctypes.data, total.ctypes.data, median.ctypes.data, out.ctypes.data)
-        if rc != 0:
+            runs.ctypes.data, runs.size - 1, _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc,
+            float(below), lo, n_hist, int(stride), count.ctypes.data, total.ctypes.data, median.ctypes.data,
+            out.ctypes.data, out_d.ctypes.data if split else None, base)
+        if rc < 0:
             raise ValueError(f"lcls_panel_common_mode failed ({rc})")
+        if split and rc == 0:
+            return CommonMode(median=median, offset=SplitOffset(base, out_d))
         return CommonMode(median=median, offset=out)
 
     def find_peaks(self, flat, block_shape, bins, offset, scale, hot, thr, bg, panel,
@@ -582,10 +701,11 @@ class CKernels(NumpyKernels):
             if span_bin.size != start.size or (span_bin.size and (
                     int(span_bin.min()) < 0 or int(span_bin.max()) >= ws.n_bins)):
                 raise ValueError("span_bin must hold one bin (0 <= bin < n_bins) per span")
-        (off_px, off), (sc_px, sc) = _offset_args(offset, scale, flat.size)
+        off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_find_peaks(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], n_mod, ny, nx, bins.ctypes.data,
-            _ptr(off_px), _ptr(sc_px), off, sc, float(hot), thr.ctypes.data, bg.ctypes.data,
+            _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc, float(hot), thr.ctypes.data,
+            bg.ctypes.data,
             _ptr(panel), int(connectivity), int(min_pix), int(max_pix),
             start.ctypes.data, length.ctypes.data, vmax.ctypes.data, _ptr(span_bin),
             start.size, ws.visited.ctypes.data,
