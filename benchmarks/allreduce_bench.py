@@ -73,7 +73,6 @@ def main():
         from lcls_dl.distributed.launcher import rank_environment
 
         env = rank_environment()  # what lcls-dl's launcher gives its ranks
-        env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")  # cores shared with other work
         mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
         cmd = [mpiexec, "-n", str(args.np), "--oversubscribe", "--bind-to", "none",
                sys.executable, *sys.argv]

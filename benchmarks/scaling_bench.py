@@ -2,9 +2,10 @@
 
 Three measurements and one model, all on this machine, one compute thread per rank
 (TensorFlow intra-op threads = 1, inter-op = 1; MWMS workers get inter-op = 2, which
-its collective ops need to make progress). MPI ranks run with
-``OMPI_MCA_mpi_yield_when_idle=1`` (waiting ranks yield the core; set it yourself to 0
-on dedicated nodes):
+its collective ops need to make progress). MPI ranks get the environment lcls-dl's
+launcher gives its ranks (:func:`lcls_dl.distributed.launcher.rank_environment`: shared
+memory transport, ``OMPI_MCA_mpi_yield_when_idle=1`` unless set; set it to 0 yourself to
+measure Open MPI's busy polling):
 
 1. lcls-dl, np=1 and np=2 (``mpiexec``): the training step of
    :func:`lcls_dl.models.training.train` (a compiled gradient step with 1/N folded into
@@ -53,9 +54,6 @@ def _env(threads_inter=1):
                TF_CPP_MIN_LOG_LEVEL="3", LCLS_DL_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS=str(threads_inter), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="")
-    # waiting ranks sleep instead of spinning: on cores shared with other work a spinning
-    # rank steals the CPU its partner needs (OMPI's default assumes dedicated cores)
-    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     env.pop("TF_CONFIG", None)
     return env
 

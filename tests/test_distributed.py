@@ -25,7 +25,7 @@ def mpirun(script, args, cwd, n=2, timeout=120):
     from lcls_dl.distributed.launcher import rank_environment
 
     # the environment lcls-dl's launcher gives its ranks (root permission, shared memory)
-    env = dict(rank_environment(), TF_CPP_MIN_LOG_LEVEL="3", OMPI_MCA_mpi_yield_when_idle="1")
+    env = dict(rank_environment(), TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [MPIEXEC, "-n", str(n), "--oversubscribe", "--bind-to", "none",
            sys.executable, str(script), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,

@@ -349,6 +349,9 @@ def test_launcher_environment_and_command():
     # one host: shared memory only (MPI_Init without the slow TCP probe); never across nodes
     env = launcher.rank_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["OMPI_MCA_btl"] == "self,sm" and env["GLIBC_TUNABLES"].endswith("hugetlb=1")
+    assert env["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert launcher.rank_environment({"OMPI_MCA_mpi_yield_when_idle": "0"})[
+        "OMPI_MCA_mpi_yield_when_idle"] == "0"                  # the user's choice wins
     for kw in ({"hostfile": "hosts"}, {"environ": {"SLURM_JOB_NUM_NODES": "2"}},
                {"environ": {"PBS_NODEFILE": "/n"}}, {"environ": {"OMPI_MCA_btl": "tcp,self"}},
                {"mpiexec_args": ["--mca", "btl", "tcp,self"]}):

@@ -147,6 +147,10 @@ def rank_environment(environ=None, hostfile=None, mpiexec_args=()):
     - as root, ``OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1`` (Open MPI refuses root otherwise);
     - on one host (:func:`single_host`), ``OMPI_MCA_btl=self,sm``: Open MPI's
       shared-memory transport only;
+    - ``OMPI_MCA_mpi_yield_when_idle=1`` unless set: a rank waiting in a collective yields
+      its core. Each rank also runs TensorFlow's and the input pipeline's threads, so the
+      cores are shared even at one rank per core: weak scaling np=2/np=1 on 2 cores was
+      1.88x (median of 5 rounds) with it, 1.79x (3 rounds) with Open MPI's busy polling;
     - ``GLIBC_TUNABLES`` gains :data:`HUGEPAGE_TUNABLE` unless it already sets
       ``glibc.malloc.hugetlb``. NumPy asks for huge pages for its large arrays, but
       TensorFlow's tensors come from plain ``malloc``: without huge pages an in-place
@@ -165,6 +169,7 @@ def rank_environment(environ=None, hostfile=None, mpiexec_args=()):
                 env[name] = "1"
     if single_host(hostfile, mpiexec_args, env):
         env["OMPI_MCA_btl"] = "self,sm"
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     tunables = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" not in tunables:
         env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t)
