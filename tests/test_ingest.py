@@ -142,6 +142,43 @@ def test_shards_blosc_images_despite_a_foreign_hdf5_plugin_path(tmp_path, run_di
     assert image.shape == (2, 16, 32, 2) and np.isfinite(image).all() and image.std() > 0
 
 
+def test_dark_and_gain_files_calibrate_frames_and_are_recorded(tmp_path, cli):
+    """(raw * gain + dark) ingested with --dark/--gain == raw ingested without them."""
+    from lcls_dl.ingest.pipeline import iter_preprocessed
+
+    raw = ring_frames(6, seed=4)
+    rng = np.random.default_rng(5)
+    dark = np.round(rng.normal(50.0, 5.0, (SS, FS)))            # ADU, per pixel
+    gain = rng.uniform(0.8, 1.25, (SS, FS))
+    for name, data in (("raw", raw), ("cal", raw * gain + dark)):
+        (tmp_path / name).mkdir()
+        write_plain(tmp_path / name / "x.h5", data.astype(np.float32))
+    np.save(tmp_path / "dark.npy", dark)
+    with h5py.File(tmp_path / "gain.h5", "w") as f:
+        f["gain"] = gain
+    cli("ingest", tmp_path / "raw", "--out", tmp_path / "d_raw", *FLAGS, *SMALL_FLAGS, check=True)
+    cli("ingest", tmp_path / "cal", "--out", tmp_path / "d_cal", *FLAGS, *SMALL_FLAGS,
+        "--dark", tmp_path / "dark.npy", "--gain", tmp_path / "gain.h5", "--np", "2", check=True)
+    a, b = Dataset(tmp_path / "d_raw"), Dataset(tmp_path / "d_cal")
+    rows = list(range(6))
+    for key in ("profile", "image", "scalars"):
+        got, want = b.read(rows, (key,))[key], a.read(rows, (key,))[key]
+        if key == "scalars":  # whole-photon pixels sit exactly on the lit threshold (5.0):
+            keep = [i for i, n in enumerate(a.scalar_names) if n != "lit_fraction"]
+            got, want = got[:, keep], want[:, keep]  # float rounding flips a few of them
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=key)
+    pre = b.manifest["preprocessing"]
+    assert pre["dark_file"] == str(tmp_path / "dark.npy")
+    assert set(pre["calibration_sha256"]) == {"dark", "gain"}
+    # predict's path applies the recorded calibration, and refuses a changed file
+    got = next(iter_preprocessed([str(tmp_path / "cal")], pre, **GEOM))
+    np.testing.assert_allclose(got["profile"], a.read(rows, ("profile",))["profile"],
+                               rtol=1e-4, atol=1e-4)
+    np.save(tmp_path / "dark.npy", dark + 1)
+    with pytest.raises(InputError, match="dark file changed"):
+        next(iter_preprocessed([str(tmp_path / "cal")], pre, **GEOM))
+
+
 def test_resume_after_kill_keeps_finished_shards(tmp_path, run_dir, monkeypatch):
     out = str(tmp_path / "data")
     real = pipeline.build_shard
@@ -262,7 +299,14 @@ def _bad_cases(tmp_path, run_dir):
     write_plain(tmp_path / "nan.h5", nan)
     (tmp_path / "unknown_event.csv").write_text("file,event,label\na.h5,99,ice\n")
     (tmp_path / "unknown_name.csv").write_text("file,event,label\na.h5,1,slush\n")
+    np.save(tmp_path / "dark_shape.npy", np.zeros((SS + 1, FS)))
+    dark_nan = np.zeros((SS, FS))
+    dark_nan[3, 4] = np.inf
+    np.save(tmp_path / "dark_nan.npy", dark_nan)
     return [
+        ([good], ["--dark", str(tmp_path / "dark_shape.npy")], "dark_shape.npy", "dark shape"),
+        ([good], ["--dark", str(tmp_path / "dark_nan.npy")], "dark_nan.npy", "non-finite"),
+        ([good], ["--gain", str(tmp_path / "no_gain.npy")], "no_gain.npy", "gain file not found"),
         ([str(tmp_path / "missing.h5")], [], "missing.h5", "no such file"),
         ([str(tmp_path / "text.h5")], [], "text.h5", "not an HDF5 file"),
         ([str(tmp_path / "trunc.h5")], [], "trunc.h5", ""),

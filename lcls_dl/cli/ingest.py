@@ -99,13 +99,19 @@ def make_params(overrides):
               help="Mask file (HDF5 or .npy, nonzero = good pixel).")
 @click.option("--preprocess", "preprocess", multiple=True, callback=_preprocess,
               metavar="KEY=VALUE", help="Override a preprocessing parameter (repeatable).")
+@click.option("--dark", "dark", type=click.Path(dir_okay=False), default=None,
+              help="Per-pixel dark/pedestal frame in ADU (.npy or HDF5 dataset 'dark'/'data'), "
+                   "subtracted from every frame; recorded (path + sha256) for predict.")
+@click.option("--gain", "gain", type=click.Path(dir_okay=False), default=None,
+              help="Per-pixel relative gain (.npy or HDF5 'gain'/'data'): photons = "
+                   "(ADU - dark) / (adu_per_photon * gain).")
 @click.option("--common-mode", type=click.Choice(["none", "panel-median"]), default=None,
               help="Per-frame baseline correction: panel-median subtracts from each panel "
                    "(ASIC) the median of its pixels below 0.5 photon.  [default: none]")
 def ingest(inputs, out_dir, labels_csv, classes, n_ranks, hostfile, shard_size, chunk_size,
            skip_bad, drop_misses, hit_min_peaks, hit_min_ring_photons, force, fmt, dataset,
            label_dataset, pixel_size_um, distance_mm, energy_ev, beam_center, poni, mask,
-           preprocess, common_mode):
+           preprocess, dark, gain, common_mode):
     """Turn detector files into a sharded, labeled, training-ready dataset.
 
     INPUT are files, directories or globs (CXI, NeXus, Cheetah, smalldata, plain HDF5,
@@ -118,7 +124,7 @@ def ingest(inputs, out_dir, labels_csv, classes, n_ranks, hostfile, shard_size, 
       lcls-dl ingest 'raw/*_master.h5' --out data2 --np 2 --drop-misses
       lcls-dl ingest frames.h5 --dataset /entry/data --pixel-size-um 75 \\
           --distance-mm 120 --energy-ev 9500 --mask mask.npy --out data3
-      lcls-dl ingest run2 --common-mode panel-median --out data4
+      lcls-dl ingest run2 --dark dark.npy --common-mode panel-median --out data4
     """
     from ..distributed.launcher import comm_world, in_mpi_job, maybe_launch
     from ..ingest import pipeline
@@ -128,6 +134,9 @@ def ingest(inputs, out_dir, labels_csv, classes, n_ranks, hostfile, shard_size, 
                           energy_ev=energy_ev, beam_center=beam_center, poni=poni, mask=mask)
     if common_mode is not None:  # same as --preprocess common_mode=...
         preprocess = dict(preprocess, common_mode=common_mode)
+    for field, path in (("dark_file", dark), ("gain_file", gain)):
+        if path is not None:  # absolute: predict finds it from anywhere
+            preprocess = dict(preprocess, **{field: os.path.abspath(path)})
     params = make_params(preprocess)
     settings = dict(labels_csv=labels_csv, shard_size=shard_size, skip_bad=skip_bad,
                     drop_misses=drop_misses, force=force, params=params, classes=classes,

@@ -44,7 +44,7 @@ from ..atomic import write_json
 from ..errors import InputError, LclsError
 from .labels import class_list, join_labels, label_indices, read_labels_csv
 from .manifest import build_manifest
-from .readers import READER_OPTIONS, expand_inputs, open_source
+from .readers import READER_OPTIONS, expand_inputs, load_calibration, open_source
 from .shard_writer import file_sha256, shard_name, write_shard
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,42 @@ def _params_obj(params):
     return params
 
 
-def make_preprocessor(geometry, params):
+#: per-pixel calibration files of PreprocessParams: (what, params field)
+CALIBRATION_FILES = (("dark", "dark_file"), ("gain", "gain_file"))
+
+
+def load_calibrations(params, frame_shape, checksums=None):
+    """``{"dark": array, "gain": array}`` for the files ``params`` names (absent: not named).
+
+    ``checksums`` (``{"dark": sha256, ...}``, recorded at ingest): a file whose contents
+    changed since is an InputError, so predict never applies another calibration.
+    """
+    out = {}
+    for what, field in CALIBRATION_FILES:
+        path = getattr(params, field, None)
+        if not path:
+            continue
+        arr = load_calibration(path, frame_shape, what)
+        expected = (checksums or {}).get(what)
+        if expected and file_sha256(path) != expected:
+            raise InputError(f"{what} file changed since the dataset was ingested (sha256 "
+                             "differs)", path)
+        out[what] = arr
+    return out
+
+
+def calibration_checksums(params, frame_shape):
+    """Check the calibration files ``params`` names; return ``{what: sha256}``."""
+    load_calibrations(params, frame_shape)  # shape, readability, finite values
+    return {what: file_sha256(getattr(params, field)) for what, field in CALIBRATION_FILES
+            if getattr(params, field, None)}
+
+
+def make_preprocessor(geometry, params, checksums=None):
     """A ``FramePreprocessor`` for a geometry (q/phi maps, mask and panel ids computed once).
 
-    Peaks never join pixels of different panels (e.g. the ASICs of a CSPAD slab).
+    Peaks never join pixels of different panels (e.g. the ASICs of a CSPAD slab). A dark
+    or gain file named by ``params`` is loaded (see :func:`load_calibrations`).
     """
     from .preprocess import FramePreprocessor
 
@@ -126,8 +158,9 @@ def make_preprocessor(geometry, params):
         panel_ids = np.full(geometry.frame_shape, -1, np.int32)
         for j, panel in enumerate(geometry.panels):
             panel_ids[panel.index()] = j
+    calib = load_calibrations(params, geometry.frame_shape, checksums)
     return FramePreprocessor(geometry.q_map(), geometry.phi_map(), geometry.mask, params,
-                             panel_ids=panel_ids)
+                             panel_ids=panel_ids, dark=calib.get("dark"), gain=calib.get("gain"))
 
 
 #: default hit criterion of ``drop_misses`` (recorded in the manifest's parameters)
@@ -156,8 +189,9 @@ def hit_flags(scalars, scalar_names, min_peaks=HIT_MIN_PEAKS,
 class _Preprocessors:
     """One preprocessor per distinct geometry (files of one run share it)."""
 
-    def __init__(self, params):
+    def __init__(self, params, checksums=None):
         self.params = params
+        self.checksums = checksums
         self._cache = {}
 
     def get(self, geometry):
@@ -166,7 +200,7 @@ class _Preprocessors:
         if pre is None:
             if len(self._cache) > 8:
                 self._cache.clear()
-            pre = self._cache[key] = make_preprocessor(geometry, self.params)
+            pre = self._cache[key] = make_preprocessor(geometry, self.params, self.checksums)
         return pre
 
 
@@ -310,6 +344,8 @@ def plan_ingest(inputs, out_dir, labels_csv=None, shard_size=DEFAULT_SHARD_SIZE,
         preprocessing = dict(params.to_dict())
         preprocessing["tabular"] = False
         preprocessing["q_edges"] = [float(q) for q in params.q_edges()]
+        preprocessing["calibration_sha256"] = calibration_checksums(
+            params, tuple(sources[0]["frame_shape"]))
     stamps = {k: _file_stamp(options[k]) for k in ("mask", "poni")
               if k in options and os.path.exists(options[k])}
     parameters = {"shard_size": int(shard_size), "skip_bad": bool(skip_bad),
@@ -723,7 +759,7 @@ def _run(inputs, out_dir, settings, command, show_progress, comm, reader_options
             raise PeerError(error_msg)
     if error is not None:
         raise error
-    pres = _Preprocessors(plan["params"])
+    pres = _Preprocessors(plan["params"], plan["preprocessing"].get("calibration_sha256"))
     if plan["todo"] or not plan["n_frames"]:
         # every rank builds its preprocessor (q map, bin tables) at the same time, after
         # the plan: rank 0 alone before the broadcast would keep the others waiting
@@ -898,7 +934,8 @@ def iter_preprocessed(paths, preprocessing_dict, batch_size=DEFAULT_CHUNK_SIZE, 
     tabular = bool(preprocessing_dict.get("tabular"))
     want_names = preprocessing_dict.get("scalar_names")
     params = None if tabular else _params_obj(preprocessing_dict)
-    pres = None if tabular else _Preprocessors(params)
+    pres = None if tabular else _Preprocessors(params,
+                                               preprocessing_dict.get("calibration_sha256"))
     buffer = ReadBuffer()
     for path, name in expand_inputs(paths):
         try:

@@ -172,6 +172,11 @@ class PreprocessParams:
         :meth:`~lcls_dl.ingest.kernels.NumpyKernels.common_mode`).
     common_mode_below : float
         Photon limit of the pixels the common mode is taken from.
+    dark_file, gain_file : str, optional
+        Absolute paths of a per-pixel dark (ADU, subtracted after ``pedestal``) and relative
+        gain (``.npy`` or HDF5), recorded so that predict applies the same calibration. The
+        arrays reach :class:`FramePreprocessor` as its ``dark``/``gain`` arguments
+        (:func:`lcls_dl.ingest.pipeline.make_preprocessor` loads them).
     """
 
     q_min: float = 0.5
@@ -196,6 +201,8 @@ class PreprocessParams:
     snr_count_min: float = 5.0
     common_mode: str = "none"
     common_mode_below: float = 0.5
+    dark_file: str = None
+    gain_file: str = None
 
     def __post_init__(self):
         self.image_shape = tuple(int(x) for x in self.image_shape)

@@ -261,6 +261,38 @@ def check_frames_dataset(dset, where, ndim=(3, 4)):
                          "(frames, ...)", where)
 
 
+def load_pixel_map(path, frame_shape, what, names):
+    """A per-pixel array (``what``: mask, dark, gain) from ``.npy`` or HDF5, frame-shaped.
+
+    HDF5: the first of the dataset ``names`` present, else the first dataset of >= 2
+    dimensions. A flat array of the frame's size is reshaped. Raises InputError when the
+    file is missing or unreadable or the array's shape differs from ``frame_shape``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{what} file not found", path)
+    if path.endswith(".npy"):
+        try:
+            arr = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {what}: {_short(exc)}", path) from None
+    else:
+        with open_h5(path) as f:
+            found = [n for n in names if n in f]
+            if not found:
+                found = [n for n, d in _datasets(f) if d.ndim >= 2]
+            if not found:
+                raise InputError(f"no {what} dataset in file", path)
+            arr = f[found[0]][...]
+    if tuple(arr.shape) != tuple(frame_shape):
+        if arr.size == int(np.prod(frame_shape)) and arr.ndim != len(frame_shape):
+            arr = arr.reshape(frame_shape)
+        else:
+            raise InputError(f"{what} shape {tuple(arr.shape)} does not match frame shape "
+                             f"{tuple(frame_shape)}", path)
+    return arr
+
+
 def load_mask(path, frame_shape):
     """Load a mask file (HDF5 ``mask``/``data``/single dataset, ``.npy``) as bool, True = good.
 
@@ -268,29 +300,21 @@ def load_mask(path, frame_shape):
     """
     if path is None:
         return None
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError("mask file not found", path)
-    if path.endswith(".npy"):
-        try:
-            mask = np.load(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read mask: {_short(exc)}", path) from None
-    else:
-        with open_h5(path) as f:
-            names = [n for n in ("mask", "data", "data/data", "pixel_mask") if n in f]
-            if not names:
-                names = [n for n, d in _datasets(f) if d.ndim >= 2]
-            if not names:
-                raise InputError("no mask dataset in file", path)
-            mask = f[names[0]][...]
-    if tuple(mask.shape) != tuple(frame_shape):
-        if mask.size == int(np.prod(frame_shape)) and mask.ndim != len(frame_shape):
-            mask = mask.reshape(frame_shape)
-        else:
-            raise InputError(f"mask shape {tuple(mask.shape)} does not match frame shape "
-                             f"{tuple(frame_shape)}", path)
-    return mask.astype(bool)
+    return load_pixel_map(path, frame_shape, "mask",
+                          ("mask", "data", "data/data", "pixel_mask")).astype(bool)
+
+
+def load_calibration(path, frame_shape, what):
+    """A per-pixel dark (ADU) or relative gain from ``.npy`` or HDF5 (dataset ``what``,
+    ``data`` or the first 2-D+ one) as float64; non-finite values are an InputError."""
+    arr = load_pixel_map(path, frame_shape, what, (what, "data", "data/data"))
+    if not np.issubdtype(arr.dtype, np.number):
+        raise InputError(f"{what} is not numeric ({arr.dtype})", os.fspath(path))
+    arr = arr.astype(np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if bad:
+        raise InputError(f"{what} has {bad} non-finite pixels", os.fspath(path))
+    return arr
 
 
 def _datasets(group, prefix=""):
