@@ -150,6 +150,16 @@ def test_batch_script_text_is_valid_bash(scheduler, marker, launch, tmp_path):
     path = tmp_path / "job.sh"
     path.write_text(text)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    # ranks started by srun/jsrun/mpirun get the huge-page tunable lcls-dl's launcher sets
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("export GLIBC_TUNABLES=")]
+    huge = "glibc.malloc.hugetlb=1"
+    for before, after in (("", huge), ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:" + huge)):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if before:
+            env["GLIBC_TUNABLES"] = before
+        out = subprocess.run(["bash", "-c", line + '\necho "$GLIBC_TUNABLES"'], env=env,
+                             capture_output=True, text=True).stdout.strip()
+        assert out == after
 
 
 def test_batch_script_cli_and_errors(cli):
