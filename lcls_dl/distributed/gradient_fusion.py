@@ -98,16 +98,18 @@ def host_view(tensor):
     competing with MPI's polling).
     """
     device = getattr(tensor, "device", "") or ""
-    if "CPU" not in device.upper() or not tensor.dtype.is_floating:
+    if "CPU" not in device.upper():
         return None
     if _numpy_shares_memory():
         try:
             a = tensor._numpy()
         except Exception:  # noqa: BLE001 - fall back to DLPack below
             a = None
-        if isinstance(a, np.ndarray) and a.flags.writeable and a.flags.c_contiguous \
-                and a.size:
-            return a
+        if isinstance(a, np.ndarray):
+            ok = a.dtype.kind == "f" and a.flags.writeable and a.flags.c_contiguous and a.size
+            return a if ok else None
+    if not tensor.dtype.is_floating:
+        return None
     import tensorflow as tf
 
     try:
@@ -229,17 +231,21 @@ class TensorReducer:
         list of tf.Tensor
             The sums, in order: the input tensors themselves where reduced in place.
         """
-        import tensorflow as tf
-
         views = [host_view(t) for t in tensors]
         if self._copy is None or self._copy[0] != len(views):
             self._copy = (len(views), self._aliased(views))
         for i in self._copy[1]:
             views[i] = None
-        spans = sorted(_span(v) + (i,) for i, v in enumerate(views) if v is not None)
-        for (_, e0, i0), (s1, _, i1) in zip(spans, spans[1:]):
-            if s1 < e0:  # two outputs share memory: reducing both in place would double it
-                views[i0] = views[i1] = None
+        if len(views) > 1:
+            spans = sorted(_span(v) + (i,) for i, v in enumerate(views) if v is not None)
+            for (_, e0, i0), (s1, _, i1) in zip(spans, spans[1:]):
+                if s1 < e0:  # two outputs share memory: reducing both in place doubles it
+                    views[i0] = views[i1] = None
+        if all(v is not None for v in views):  # the usual step: all reduced where they lie
+            self.world.allreduce_sum_inplace(views)
+            return list(tensors)
+        import tensorflow as tf
+
         copies = {i: np.array(t) for i, (t, v) in enumerate(zip(tensors, views)) if v is None}
         self.world.allreduce_sum_inplace(
             [copies[i] if v is None else v for i, v in enumerate(views)])
