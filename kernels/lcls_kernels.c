@@ -76,7 +76,7 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
  * excluded, those >= raw_cand are lit. */
 #define DEFINE_CHUNK_INT(NAME, T)                                             \
     static inline void NAME(const T *restrict f,                              \
-                            const int16_t *restrict d, int64_t s,             \
+                            const int16_t *restrict d, int64_t cd, int64_t s, \
                             int64_t len,                                      \
                             int64_t b, int64_t raw_hot, int64_t raw_cand,     \
                             int64_t *restrict w, int32_t *restrict excluded,  \
@@ -85,7 +85,7 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
     {                                                                         \
         int64_t a = 0, q = 0, c = 0, m = W_NONE, lit = 0;                     \
         for (int64_t i = s; i < s + len; i++) {                               \
-            const int64_t x = (int64_t)f[i] - (d ? (int64_t)d[i] : 0);        \
+            const int64_t x = (int64_t)f[i] - (d ? (int64_t)d[i] : 0) - cd;   \
             if (x <= raw_hot) {                                               \
                 a += x; q += x * x; c++;                                      \
                 m = x > m ? x : m;                                            \
@@ -107,6 +107,8 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
         }                                                                     \
     }                                                                         \
     static void NAME##_all(const void *frame, const int16_t *restrict d,      \
+                           const int32_t *restrict cp,                        \
+                           const int16_t *restrict pt,                        \
                            int64_t k0, int64_t k1,                            \
                            const int32_t *restrict cs,                        \
                            const uint32_t *restrict cc, int64_t raw_hot,      \
@@ -116,7 +118,8 @@ static int64_t raw_above(double thr, double offset, double scale, int64_t lo,
                            int64_t *nl)                                       \
     {                                                                         \
         for (int64_t k = k0; k < k1; k++)                                     \
-            NAME((const T *)frame, d, cs[k], CHUNK_LEN(cc[k]), CHUNK_BIN(cc[k]), \
+            NAME((const T *)frame, d, pt ? (int64_t)pt[cp[k]] : 0, cs[k],      \
+                 CHUNK_LEN(cc[k]), CHUNK_BIN(cc[k]),                          \
                  raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);  \
     }
 
@@ -129,6 +132,7 @@ DEFINE_CHUNK_INT(chunk_i16, int16_t)
 /* Profile only: sums and counts of included raw values per bin. */
 #define DEFINE_PCHUNK_INT(NAME, T)                                            \
     static void NAME(const void *frame, const int16_t *restrict d,            \
+                     const int32_t *restrict cp, const int16_t *restrict pt,  \
                      int64_t k0, int64_t k1,                                  \
                      const int32_t *restrict cs, const uint32_t *restrict cc, \
                      int64_t raw_hot, int64_t *restrict w,                    \
@@ -138,9 +142,10 @@ DEFINE_CHUNK_INT(chunk_i16, int16_t)
         for (int64_t k = k0; k < k1; k++) {                                   \
             const int64_t s = cs[k], e = s + CHUNK_LEN(cc[k]);                \
             const int64_t b = CHUNK_BIN(cc[k]);                               \
+            const int64_t cd = pt ? (int64_t)pt[cp[k]] : 0;                   \
             int64_t a = 0, c = 0;                                             \
             for (int64_t i = s; i < e; i++) {                                 \
-                const int64_t x = (int64_t)f[i] - (d ? (int64_t)d[i] : 0);    \
+                const int64_t x = (int64_t)f[i] - (d ? (int64_t)d[i] : 0) - cd; \
                 if (x <= raw_hot) { a += x; c++; } else excluded[b]++;        \
             }                                                                 \
             w[2 * b] += a; w[2 * b + 1] += c;                                 \
@@ -168,13 +173,13 @@ static const uint16_t lane_mask_src[32] = {
 #if defined(__GNUC__)
 __attribute__((noinline))
 #endif
-static void chunk_u16_slow(const uint16_t *f, const int16_t *d, int64_t s,
+static void chunk_u16_slow(const uint16_t *f, const int16_t *d, int64_t cd, int64_t s,
                            int64_t len, int64_t b,
                            int64_t raw_hot, int64_t raw_cand, int64_t *w,
                            int32_t *excluded, double offset, double scale,
                            struct lcls_spans *sp, int64_t *ns, int64_t *nl)
 {
-    chunk_u16(f, d, s, len, b, raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);
+    chunk_u16(f, d, cd, s, len, b, raw_hot, raw_cand, w, excluded, offset, scale, sp, ns, nl);
 }
 
 static inline int64_t hsum_epi32(__m128i x)
@@ -210,7 +215,7 @@ static void acc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
         const __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
         const __m128i over = _mm_or_si128(_mm_subs_epu16(lo, smallv), _mm_subs_epu16(hi, smallv));
         if (_mm_movemask_epi8(_mm_cmpeq_epi16(over, zero)) != 0xFFFF) {
-            chunk_u16_slow(f, NULL, s, len, b, raw_hot, raw_cand, w, excluded, offset,
+            chunk_u16_slow(f, NULL, 0, s, len, b, raw_hot, raw_cand, w, excluded, offset,
                            scale, sp, &ns, &nl);
             n_slow++;
             continue;
@@ -266,7 +271,7 @@ static void pacc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
         const __m128i hi = _mm_and_si128(_mm_loadu_si128((const __m128i *)(f + s + 8)), mhi);
         const __m128i over = _mm_or_si128(_mm_subs_epu16(lo, smallv), _mm_subs_epu16(hi, smallv));
         if (_mm_movemask_epi8(_mm_cmpeq_epi16(over, zero)) != 0xFFFF) {
-            pchunk_u16(f, NULL, k, k + 1, cs, cc, raw_hot, w, excluded);
+            pchunk_u16(f, NULL, NULL, NULL, k, k + 1, cs, cc, raw_hot, w, excluded);
             continue;
         }
         w[2 * b] += hsum_epi32(_mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones)));
@@ -284,6 +289,7 @@ static void pacc_sse_u16(const uint16_t *restrict f, int64_t n_fast,
 /* (always inlined into two specialisations: with and without d) */
 __attribute__((target("avx2"), always_inline))
 static inline void acc_avx2_u16_body(const uint16_t *restrict f, const int16_t *restrict d,
+                         const int32_t *restrict cp, const int16_t *restrict pt,
                          int64_t n_fast,
                          const int32_t *restrict cs, const uint32_t *restrict cc,
                          int64_t raw_hot, int64_t raw_cand, int64_t *restrict w,
@@ -307,14 +313,21 @@ static inline void acc_avx2_u16_body(const uint16_t *restrict f, const int16_t *
         PREFETCH_FRAME(f, s);
         const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask_src + 16 - len));
         __m256i x, over;
-        if (d) {
+        int64_t cd = 0;
+        if (d || pt) {
             /* y = raw - d: exact when raw <= 32767 (sign bit clear) and the
              * signed saturating difference lies in [0, small] (a saturated
              * one is -32768 or 32767, outside) */
-            PREFETCH_FRAME(d, s);
+            __m256i dv;
+            if (d) {
+                PREFETCH_FRAME(d, s);
+                dv = _mm256_loadu_si256((const __m256i *)(d + s));
+            } else { /* one integer offset for the chunk (its panel's) */
+                cd = pt[cp[k]];
+                dv = _mm256_set1_epi16((short)cd);
+            }
             const __m256i raw = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
-            x = _mm256_and_si256(
-                _mm256_subs_epi16(raw, _mm256_loadu_si256((const __m256i *)(d + s))), m);
+            x = _mm256_and_si256(_mm256_subs_epi16(raw, dv), m);
             over = _mm256_or_si256(_mm256_subs_epu16(x, smallv),
                                    _mm256_and_si256(raw, _mm256_set1_epi16((short)0x8000)));
         } else {
@@ -322,7 +335,7 @@ static inline void acc_avx2_u16_body(const uint16_t *restrict f, const int16_t *
             over = _mm256_subs_epu16(x, smallv);
         }
         if ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi16(over, zero)) != 0xFFFFFFFFu) {
-            chunk_u16_slow(f, d, s, len, b, raw_hot, raw_cand, w, excluded, offset,
+            chunk_u16_slow(f, d, cd, s, len, b, raw_hot, raw_cand, w, excluded, offset,
                            scale, sp, &ns, &nl);
             n_slow++;
             continue;
@@ -363,11 +376,24 @@ static void acc_avx2_u16(const uint16_t *restrict f, const int16_t *restrict d,
                          double scale, struct lcls_spans *sp, int64_t *ns_io, int64_t *nl_io)
 {
     if (d)
-        acc_avx2_u16_body(f, d, n_fast, cs, cc, raw_hot, raw_cand, w, excluded, offset,
-                          scale, sp, ns_io, nl_io);
+        acc_avx2_u16_body(f, d, NULL, NULL, n_fast, cs, cc, raw_hot, raw_cand, w, excluded,
+                          offset, scale, sp, ns_io, nl_io);
     else
-        acc_avx2_u16_body(f, NULL, n_fast, cs, cc, raw_hot, raw_cand, w, excluded, offset,
+        acc_avx2_u16_body(f, NULL, NULL, NULL, n_fast, cs, cc, raw_hot, raw_cand, w, excluded, offset,
                           scale, sp, ns_io, nl_io);
+}
+
+/* per-panel integer offsets: one per chunk, pt[cp[k]] */
+__attribute__((target("avx2")))
+static void acc_avx2_u16_pt(const uint16_t *restrict f, const int32_t *restrict cp,
+                            const int16_t *restrict pt, int64_t n_fast,
+                            const int32_t *restrict cs, const uint32_t *restrict cc,
+                            int64_t raw_hot, int64_t raw_cand, int64_t *restrict w,
+                            int32_t *restrict excluded, double offset, double scale,
+                            struct lcls_spans *sp, int64_t *ns_io, int64_t *nl_io)
+{
+    acc_avx2_u16_body(f, NULL, cp, pt, n_fast, cs, cc, raw_hot, raw_cand, w, excluded,
+                      offset, scale, sp, ns_io, nl_io);
 }
 
 __attribute__((target("avx2")))
@@ -387,7 +413,7 @@ static void pacc_avx2_u16(const uint16_t *restrict f, int64_t n_fast,
         const __m256i m = _mm256_loadu_si256((const __m256i *)(lane_mask_src + 16 - len));
         const __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + s)), m);
         if ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_subs_epu16(x, smallv), zero)) != 0xFFFFFFFFu) {
-            pchunk_u16(f, NULL, k, k + 1, cs, cc, raw_hot, w, excluded);
+            pchunk_u16(f, NULL, NULL, NULL, k, k + 1, cs, cc, raw_hot, w, excluded);
             continue;
         }
         const __m256i s8 = _mm256_madd_epi16(x, ones);
@@ -652,6 +678,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                     const uint32_t *chunk_code, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
                     const int16_t *offset_d,
+                    const int32_t *chunk_panel, const int16_t *panel_t,
                     double offset, double scale, double hot, double cand_thr,
                     double *sum, double *sumsq, int32_t *excluded, double *bmax,
                     int64_t *work,
@@ -662,10 +689,14 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
     int64_t lo, hi;
     (void)n_pixels; /* only the SIMD paths need it */
     if (dtype < LCLS_U8 || dtype > LCLS_F64) return -1;
+    if (panel_t && (offset_d || !chunk_panel ||
+                    !int_path(dtype, offset_px, scale_px, panel_t, offset, scale, &lo, &hi)))
+        return -3;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX; /* +inf pixels are never "not hot" */
     memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
 
-    if (int_path(dtype, offset_px, scale_px, offset_d, offset, scale, &lo, &hi)) {
+    if (int_path(dtype, offset_px, scale_px, offset_d ? offset_d : panel_t, offset, scale,
+                 &lo, &hi)) {
         const int64_t raw_hot = raw_above(hot, offset, scale, lo, hi) - 1;
         const int64_t raw_cand = raw_above(cand_thr, offset, scale, lo, hi);
         int64_t ns = 0, nl = 0, k0 = 0;
@@ -676,11 +707,17 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
 #ifdef LCLS_HAVE_SSE2
         const int level = simd_level();
         /* integer per-pixel offsets: AVX2 only (SSE2 and scalar: pixel by pixel) */
-        if (level >= (offset_d ? 2 : 1) && dtype == LCLS_U16 && raw_hot >= 0 && raw_cand >= 1) {
+        if (level >= (offset_d || panel_t ? 2 : 1) && dtype == LCLS_U16 && raw_hot >= 0 &&
+            raw_cand >= 1) {
             k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
 #ifdef LCLS_HAVE_AVX2
-            if (level >= 2)
-                acc_avx2_u16((const uint16_t *)frame, offset_d, k0, chunk_start, chunk_code,
+            if (level >= 2 && panel_t)
+                acc_avx2_u16_pt((const uint16_t *)frame, chunk_panel, panel_t, k0,
+                                chunk_start, chunk_code, raw_hot, raw_cand, work, excluded,
+                                offset, scale, &spans, &ns, &nl);
+            else if (level >= 2)
+                acc_avx2_u16((const uint16_t *)frame, offset_d, k0,
+                             chunk_start, chunk_code,
                              raw_hot, raw_cand, work, excluded, offset, scale, &spans, &ns, &nl);
             else
 #endif
@@ -689,7 +726,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
         }
 #endif
 #define DISPATCH(SUFFIX)                                                      \
-    chunk_##SUFFIX##_all(frame, offset_d, k0, n_chunks, chunk_start, chunk_code, raw_hot, \
+    chunk_##SUFFIX##_all(frame, offset_d, chunk_panel, panel_t, k0, n_chunks, chunk_start, chunk_code, raw_hot, \
                          raw_cand, work, excluded, offset, scale, &spans, &ns, &nl)
         switch (dtype) {
         case LCLS_U8: DISPATCH(u8); break;
@@ -761,6 +798,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
                             const uint32_t *chunk_code, int32_t n_bins,
                             const float *offset_px, const float *scale_px,
                             const int16_t *offset_d,
+                            const int32_t *chunk_panel, const int16_t *panel_t,
                             double offset, double scale, double hot,
                             double *sum, int32_t *excluded, int64_t *work,
                             int64_t *counts)
@@ -768,16 +806,20 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
     int64_t lo, hi;
     (void)n_pixels; /* only the SIMD paths need it */
     if (dtype < LCLS_U8 || dtype > LCLS_F64) return -1;
+    if (panel_t && (offset_d || !chunk_panel ||
+                    !int_path(dtype, offset_px, scale_px, panel_t, offset, scale, &lo, &hi)))
+        return -3;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX;
     memset(excluded, 0, sizeof(int32_t) * (size_t)n_bins);
 
-    if (int_path(dtype, offset_px, scale_px, offset_d, offset, scale, &lo, &hi)) {
+    if (int_path(dtype, offset_px, scale_px, offset_d ? offset_d : panel_t, offset, scale,
+                 &lo, &hi)) {
         const int64_t raw_hot = raw_above(hot, offset, scale, lo, hi) - 1;
         int64_t k0 = 0;
         memset(work, 0, sizeof(int64_t) * 2 * (size_t)n_bins);
 #ifdef LCLS_HAVE_SSE2
         const int level = simd_level();
-        if (level >= 1 && dtype == LCLS_U16 && raw_hot >= 0 && !offset_d) {
+        if (level >= 1 && dtype == LCLS_U16 && raw_hot >= 0 && !offset_d && !panel_t) {
             k0 = fast_chunks(chunk_start, n_chunks, n_pixels);
 #ifdef LCLS_HAVE_AVX2
             if (level >= 2)
@@ -790,7 +832,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
         }
 #endif
 #define DISPATCH(SUFFIX)                                                      \
-    pchunk_##SUFFIX(frame, offset_d, k0, n_chunks, chunk_start, chunk_code, raw_hot, work, \
+    pchunk_##SUFFIX(frame, offset_d, chunk_panel, panel_t, k0, n_chunks, chunk_start, chunk_code, raw_hot, work, \
                     excluded)
         switch (dtype) {
         case LCLS_U8: DISPATCH(u8); break;
@@ -845,13 +887,24 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
         }                                                                      \
     } while (0)
 
+/* Photon value of pixel i in the flood fill with per-panel integer offsets
+ * panel_t[pixel_panel[i]] (offset_px and offset_d NULL). */
+#define CONV_PANEL(T, i)                                                      \
+    (((double)((const T *)frame)[i] -                                        \
+      (offset_px ? (double)offset_px[i]                                      \
+       : offset_d ? offset + (double)offset_d[i]                             \
+       : panel_t ? offset + (double)panel_t[pixel_panel[i]] : offset)) *     \
+     (scale_px ? (double)scale_px[i] : scale))
+
 /* Flood fill from the candidates, one specialisation per frame dtype. */
-#define DEFINE_PEAKS(NAME, T)                                                 \
+#define DEFINE_PEAKS(NAME, T, CONV_PEAK, HAS_PT)                              \
     static void NAME(const void *restrict frame, int64_t ny, int64_t nx,      \
                      const int32_t *restrict bins,                            \
                      const float *restrict offset_px,                         \
                      const float *restrict scale_px,                          \
                      const int16_t *restrict offset_d,                        \
+                     const int32_t *restrict pixel_panel,                     \
+                     const int16_t *restrict panel_t,                         \
                      double offset, double scale, double hot,                 \
                      const double *restrict thr, const double *restrict bg,   \
                      const int32_t *restrict panel, int connectivity,         \
@@ -867,6 +920,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
         static const int dx8[8] = {-1, 0, 1, -1, 1, -1, 0, 1};                \
         static const int dy4[4] = {-1, 0, 0, 1};                              \
         static const int dx4[4] = {0, -1, 1, 0};                              \
+        (void)pixel_panel; (void)panel_t; /* (used with HAS_PT only) */       \
         const int nn = connectivity == 4 ? 4 : 8;                             \
         const int *dy = connectivity == 4 ? dy4 : dy8;                        \
         const int *dx = connectivity == 4 ? dx4 : dx8;                        \
@@ -886,6 +940,9 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
             PREFETCH_ROWS(visited, 1, span_start[c0], span_len[c0], nx);      \
             if (panel)                                                        \
               PREFETCH_ROWS(panel, sizeof(int32_t), span_start[c0], span_len[c0], nx); \
+            if (HAS_PT)                                                       \
+              PREFETCH_ROWS(pixel_panel, sizeof(int32_t), span_start[c0],     \
+                            span_len[c0], nx);                                \
           }                                                                   \
           for (int j = 0; j < n_next; j++) {                                  \
           const int64_t c = next[j];                                          \
@@ -893,7 +950,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
           for (int64_t seed = s0; seed < s1; seed++) {                        \
             const int32_t bs = bins[seed];                                    \
             if (bs < 0 || visited[seed]) continue;                            \
-            const double vs = CONV_PIXEL(T, seed);                            \
+            const double vs = CONV_PEAK(T, seed);                            \
             if (!(vs > thr[bs] && vs <= hot)) continue;                       \
             const int64_t start = top;                                        \
             double isum = 0.0;                                                \
@@ -901,7 +958,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
             stack[top++] = (int32_t)seed;                                     \
             for (int64_t head = start; head < top; head++) {                  \
                 const int64_t p = stack[head];                                \
-                isum += CONV_PIXEL(T, p) - bg[bins[p]];                       \
+                isum += CONV_PEAK(T, p) - bg[bins[p]];                       \
                 const int64_t base = (p / block) * block;                     \
                 const int64_t y = (p - base) / nx, x = (p - base) % nx;       \
                 for (int k = 0; k < nn; k++) {                                \
@@ -910,7 +967,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
                     const int64_t q = base + yy * nx + xx;                    \
                     if (visited[q] || bins[q] < 0) continue;                  \
                     if (panel && panel[q] != panel[p]) continue;              \
-                    const double vq = CONV_PIXEL(T, q);                       \
+                    const double vq = CONV_PEAK(T, q);                       \
                     if (!(vq <= hot && vq >= -DBL_MAX && vq > thr[bins[q]]))  \
                         continue;                                             \
                     visited[q] = 1;                                           \
@@ -931,20 +988,27 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
         out[2] = (double)top;                                                 \
     }
 
-DEFINE_PEAKS(peaks_u8, uint8_t)
-DEFINE_PEAKS(peaks_i8, int8_t)
-DEFINE_PEAKS(peaks_u16, uint16_t)
-DEFINE_PEAKS(peaks_i16, int16_t)
-DEFINE_PEAKS(peaks_u32, uint32_t)
-DEFINE_PEAKS(peaks_i32, int32_t)
-DEFINE_PEAKS(peaks_f32, float)
-DEFINE_PEAKS(peaks_f64, double)
+/* (with panel_t: CONV_PANEL; without: CONV_PIXEL, no per-pixel test of panel_t) */
+#define DEFINE_PEAKS_SET(SUFFIX, T)                                           \
+    DEFINE_PEAKS(peaks_##SUFFIX, T, CONV_PIXEL, 0)                            \
+    DEFINE_PEAKS(peaks_t_##SUFFIX, T, CONV_PANEL, 1)
+
+DEFINE_PEAKS_SET(u8, uint8_t)
+DEFINE_PEAKS_SET(i8, int8_t)
+DEFINE_PEAKS_SET(u16, uint16_t)
+DEFINE_PEAKS_SET(i16, int16_t)
+DEFINE_PEAKS_SET(u32, uint32_t)
+DEFINE_PEAKS_SET(i32, int32_t)
+DEFINE_PEAKS_SET(f32, float)
+DEFINE_PEAKS_SET(f64, double)
 
 int lcls_find_peaks(const void *frame, int dtype,
                     int64_t n_mod, int64_t ny, int64_t nx,
                     const int32_t *bins,
                     const float *offset_px, const float *scale_px,
-                    const int16_t *offset_d, double offset, double scale, double hot,
+                    const int16_t *offset_d,
+                    const int32_t *pixel_panel, const int16_t *panel_t,
+                    double offset, double scale, double hot,
                     const double *thr, const double *bg,
                     const int32_t *panel, int connectivity,
                     int64_t min_pix, int64_t max_pix,
@@ -953,9 +1017,12 @@ int lcls_find_peaks(const void *frame, int dtype,
                     int64_t n_spans, uint8_t *visited, int32_t *stack, double *out)
 {
     (void)n_mod;
+    if (panel_t && (offset_px || offset_d || !pixel_panel)) return -3;
     if (!(hot <= DBL_MAX)) hot = DBL_MAX;
 #define DISPATCH(SUFFIX)                                                      \
-    peaks_##SUFFIX(frame, ny, nx, bins, offset_px, scale_px, offset_d, offset, \
+    (panel_t ? peaks_t_##SUFFIX : peaks_##SUFFIX)(                            \
+                   frame, ny, nx, bins, offset_px, scale_px, offset_d,        \
+                   pixel_panel, panel_t, offset,                              \
                    scale,                                                     \
                    hot, thr, bg, panel, connectivity, min_pix, max_pix,       \
                    span_start, span_len, span_max, span_bin, n_spans,         \
@@ -1051,6 +1118,10 @@ DEFINE_CM_HIST(cm_f64, double)
             const int64_t cstep = n_panels * (w + 2), cm = ncopy - 1;         \
             for (; i + 7 * stride < e; i += 8 * stride) {                     \
                 int64_t x[8], sl[8], under = 0;                               \
+                /* (the hardware prefetcher alone leaves this loop waiting    \
+                 * for the frame when it streams from memory) */              \
+                PREFETCH_FRAME(f, i);                                         \
+                if (d) PREFETCH_FRAME(d, i);                                  \
                 for (int u = 0; u < 8; u++) {                                 \
                     const int64_t iu = i + u * stride;                        \
                     x[u] = (int64_t)f[iu] - (d ? (int64_t)d[iu] : 0);         \

@@ -17,7 +17,7 @@ enum {
 };
 
 /* Version of the kernel ABI; the loader refuses a library with another one. */
-#define LCLS_KERNELS_ABI 7
+#define LCLS_KERNELS_ABI 8
 int lcls_abi_version(void);
 
 /* Bin table of both accumulation kernels: chunks of at most 16 consecutive
@@ -41,7 +41,12 @@ int lcls_abi_version(void);
  * become raw-value thresholds, the same comparisons), and converted once per
  * bin; with offset_d, half the memory traffic of a float32 offset_px.
  * n_pixels is the frame size (no read goes past it).
- * Both return 0, or -1 for an unknown dtype. */
+ * Per-panel integer offsets (per-panel common mode): when panel_t is not
+ * NULL, off_i = offset + panel_t[chunk_panel[k]] for the pixels of chunk k
+ * (chunks never straddle panels: one table look-up per chunk, no per-pixel
+ * offset array); this needs the integer path above with offset_d and
+ * offset_px NULL (else -3 is returned).
+ * Both return 0, -1 for an unknown dtype, -3 for a misused panel_t. */
 
 /* Fused pass: every included pixel adds v to sum[bin] and v*v to sumsq[bin]
  * and updates bmax[bin] (largest included value of the bin, -HUGE_VAL when
@@ -58,6 +63,7 @@ int lcls_accumulate(const void *frame, int dtype, int64_t n_pixels,
                     const uint32_t *chunk_code, int32_t n_bins,
                     const float *offset_px, const float *scale_px,
                     const int16_t *offset_d,
+                    const int32_t *chunk_panel, const int16_t *panel_t,
                     double offset, double scale, double hot, double cand_thr,
                     double *sum, double *sumsq, int32_t *excluded, double *bmax,
                     int64_t *work,
@@ -72,6 +78,7 @@ int lcls_profile_accumulate(const void *frame, int dtype, int64_t n_pixels,
                             const uint32_t *chunk_code, int32_t n_bins,
                             const float *offset_px, const float *scale_px,
                             const int16_t *offset_d,
+                            const int32_t *chunk_panel, const int16_t *panel_t,
                             double offset, double scale, double hot,
                             double *sum, int32_t *excluded, int64_t *work,
                             int64_t *counts);
@@ -94,13 +101,16 @@ int lcls_simd_level(int max_level);
  * out[0] = number of counted components, out[1] = sum over their pixels of
  * v - bg[bins[i]], out[2] = number of peak pixels visited.
  * visited (n bytes) must be all zero on entry and is all zero on exit;
- * stack holds n int32. Returns 0, or -1 for an unknown dtype.
+ * stack holds n int32. With panel_t (offset_px and offset_d NULL), pixel i's
+ * offset is offset + panel_t[pixel_panel[i]]. Returns 0, -1 for an unknown
+ * dtype, -3 for a misused panel_t.
  */
 int lcls_find_peaks(const void *frame, int dtype,
                     int64_t n_mod, int64_t ny, int64_t nx,
                     const int32_t *bins,
                     const float *offset_px, const float *scale_px,
                     const int16_t *offset_d,
+                    const int32_t *pixel_panel, const int16_t *panel_t,
                     double offset, double scale, double hot,
                     const double *thr, const double *bg,
                     const int32_t *panel, int connectivity,

@@ -502,3 +502,82 @@ def test_common_mode_median_is_the_lower_median_below_the_limit():
         # panel 1: nothing below the limit -> 0; panel 2: all under the histogram -> their mean
         np.testing.assert_array_equal(cm.median, [5.5, 0.0, 1.5])
         np.testing.assert_array_equal(cm.offset, [11] * 5 + [0] * 4 + [3] * 3 + [0])
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int16])
+def test_panel_offset_parity_at_every_simd_level(simd_levels, dtype):
+    """Per-panel integer offsets (PanelOffset, one table look-up per chunk): the same sums,
+    maxima, spans, profile and peaks as the per-pixel SplitOffset, at every SIMD level;
+    chunks of a workspace built with panel ids never straddle a panel."""
+    rng = np.random.default_rng(22)
+    lengths = rng.integers(1, 40, 500)
+    bins = np.repeat(rng.integers(-1, 30, lengths.size), lengths).astype(np.int32)
+    n = bins.size
+    plen = rng.integers(5, 70, n // 5)  # panel runs that cut bin runs
+    panel = np.repeat(rng.integers(-1, 6, plen.size), plen)[:n].astype(np.int32)
+    table = np.array([0, -40, 3, 700, -32768, 32767, 12], np.int16)
+    po = K.PanelOffset(1024.0, table, panel)
+    split = po.split()
+    np.testing.assert_array_equal(po.values(), split.values())
+    lo_, hi_ = np.iinfo(dtype).min, np.iinfo(dtype).max
+    if dtype == np.uint16:
+        frame = np.clip(po.values() + rng.poisson(3.0, n) - 2, lo_, hi_).astype(dtype)
+        frame[rng.random(n) < 0.003] = rng.integers(16000, 65536, 1)[0]
+    else:
+        frame = rng.integers(lo_, hi_ + 1, n).astype(dtype)
+    ws = C.workspace(bins, 30, panel=panel)
+    s, ln = ws.chunk_start, (ws.chunk_code & 15) + 1
+    assert ws.chunk_start.size > C.workspace(bins, 30).chunk_start.size  # split at panels
+    assert np.array_equal(panel[s], panel[s + ln - 1])  # runs: one panel per chunk
+    run = np.cumsum(np.concatenate(([0], panel[1:] != panel[:-1])))
+    assert np.array_equal(run[s], run[s + ln - 1])
+    for sc in (1.0, 0.25):
+        for hot, cand in [(np.inf, 5.0), (30.0, 4.0), (np.inf, -1.0)]:
+            ref = NUMPY.accumulate(frame, bins, 30, split, sc, hot, cand)
+            pref = NUMPY.profile_accumulate(frame, bins, 30, split, sc, hot)
+            assert _acc_same(NUMPY.accumulate(frame, bins, 30, po, sc, hot, cand), ref)
+            for level in simd_levels:
+                assert C.simd_level(level) == level
+                for w in (ws, None):  # None: no chunk table, the SplitOffset is used
+                    got = C.accumulate(frame, bins, 30, po, sc, hot, cand, w)
+                    _assert_acc_equal(got, ref, frame, bins, split, sc, hot, cand)
+                    _assert_profile_equal(C.profile_accumulate(frame, bins, 30, po, sc, hot, w),
+                                          pref)
+    block = (1, 50, n // 50)
+    m = block[1] * block[2]
+    f2, b2, p2 = frame[:m], (np.arange(m) % 7).astype(np.int32), panel[:m]
+    po2 = K.PanelOffset(1024.0, table, p2)
+    ws2 = C.workspace(b2, 7, panel=p2)
+    acc = C.accumulate(f2, b2, 7, po2, 1.0, np.inf, 5.0, ws2)
+    thr, bg = np.full(7, 6.0), np.zeros(7)
+    want = NUMPY.find_peaks(f2, block, b2, po2.split(), 1.0, np.inf, thr, bg, p2, 8, 1, 100, acc)
+    assert C.find_peaks(f2, block, b2, po2, 1.0, np.inf, thr, bg, p2, 8, 1, 100, acc, ws2) == want
+    assert want[0] > 0
+
+
+@needs_c
+def test_common_mode_panel_table_parity():
+    """panel_table=True: one int16 delta per panel (entry 0: no panel), the same offsets as
+    the split per-pixel ones; a per-pixel dark or a fractional median keeps those."""
+    rng = np.random.default_rng(23)
+    n, n_panels = 6_001, 5
+    panel = np.repeat(rng.integers(-1, n_panels, n // 30 + 1), 30)[:n].astype(np.int32)
+    frame = (100 + rng.poisson(0.3, n) * 20 + rng.integers(-6, 7, n_panels + 1)[panel + 1]
+             ).astype(np.uint16)
+    for k in (NUMPY, C):
+        cm = k.common_mode(frame, panel, n_panels, 100.0, 1 / 20, 0.5, C.workspace(panel, 1),
+                           stride=4, split=True, panel_table=True)
+        flat = k.common_mode(frame, panel, n_panels, 100.0, 1 / 20, 0.5, C.workspace(panel, 1),
+                             stride=4, split=True)
+        assert isinstance(cm.offset, K.PanelOffset) and cm.offset.panel is panel
+        assert cm.offset.table.dtype == np.int16 and cm.offset.table.size == n_panels + 1
+        np.testing.assert_array_equal(cm.offset.values(), K.offset_values(flat.offset))
+        np.testing.assert_array_equal(cm.median, flat.median)
+        dark = K.split_offset(np.full(n, 100.0))
+        assert isinstance(k.common_mode(frame, panel, n_panels, dark, 1 / 20, 0.5,
+                                        C.workspace(panel, 1), split=True,
+                                        panel_table=True).offset, K.SplitOffset)
+        frac = k.common_mode(frame.astype(np.float32) + 0.5, panel, n_panels, 100.0, 1 / 20,
+                             0.5, C.workspace(panel, 1), split=True, panel_table=True)
+        assert not isinstance(frac.offset, K.PanelOffset)

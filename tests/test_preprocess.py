@@ -340,6 +340,12 @@ def test_panel_common_mode_removes_per_panel_offsets(backend):
     flat = shifted.reshape(-1)
     found = cm.kernels.common_mode(flat, cm._cm_panel, cm._cm_n, cm.offset, cm.scale, 0.5)
     np.testing.assert_allclose(found.median, shift / 20.0, atol=1e-12)
+    # whole-ADU corrections of an integer frame: one offset per panel, no per-pixel array
+    from lcls_dl.ingest.kernels import PanelOffset
+    off = cm._frame_offset(flat)
+    assert isinstance(off, PanelOffset)
+    np.testing.assert_array_equal(off.values()[cm._cm_panel >= 0],
+                                  100.0 + shift[panels.reshape(-1)][cm._cm_panel >= 0])
 
 
 def test_common_mode_is_recorded_and_validated():

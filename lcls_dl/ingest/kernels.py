@@ -15,7 +15,10 @@ These kernels do all the per-pixel work of :class:`lcls_dl.ingest.preprocess.Fra
     Per-panel common mode: the median of each panel's photon values below ~0.5 photon
     (from a small histogram of every ``stride``-th pixel), returned as the per-pixel
     offset that subtracts it (a :class:`SplitOffset` of int16 deltas where it is whole
-    ADU, as on integer frames). The C kernel histograms integer frames by raw value
+    ADU, as on integer frames), or with ``panel_table=True`` a :class:`PanelOffset`: one
+    integer offset per panel, that the C kernels subtract per chunk of pixels (chunks of
+    a workspace built with the panel ids never straddle panels) instead of reading a
+    per-pixel offset array. The C kernel histograms integer frames by raw value
     (exact counts, the same median bin; the bin's mean is summed per raw value, so it
     may differ from the reference in the last bit) and reads the panel ids once per run
     of equal ids.
@@ -38,7 +41,9 @@ Photon value of pixel ``i``: ``v = (float64(frame[i]) - offset_i) * scale_i`` wh
 ``offset``/``scale`` are scalars or per-pixel float32 arrays; ``offset`` may also be a
 :class:`SplitOffset` (integer ADU offsets, e.g. an integral dark frame, as int16 deltas from
 a base: half the memory traffic of float32, and integer frames stay on the exact integer
-path of the C kernels).
+path of the C kernels), or a :class:`PanelOffset` (one integer ADU offset per panel, e.g. a
+per-panel common mode: the C kernels subtract it per chunk when their workspace was built
+with the panel ids, so no per-pixel offset is filled or read).
 """
 import ctypes
 import importlib.util
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: ABI version the loader expects from ``lcls_dl._kernels`` (``LCLS_KERNELS_ABI``).
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 #: Frame dtypes the C kernels read directly (others are converted to float64 first).
 DTYPE_CODES = {
@@ -177,6 +182,58 @@ def split_offset(offset):
     return SplitOffset(base, np.ascontiguousarray((a - base).astype(np.int16)))
 
 
+@dataclass(eq=False)
+class PanelOffset:
+    """Per-panel integer ADU offsets: pixel ``i`` has offset ``base + table[panel[i] + 1]``.
+
+    ``panel`` (int32, flat frame size) holds panel ids ``0..n_panels-1`` and -1 for
+    pixels of no panel; ``table`` (int16, ``n_panels + 1``) holds the deltas from ``base``,
+    ``table[0]`` that of the pixels of no panel. The same photon values as the
+    :class:`SplitOffset` :meth:`split` (and the float array :meth:`values`); the C kernels
+    apply it per chunk when their workspace was built with this ``panel`` array
+    (:meth:`CKernels.workspace`), else they use :meth:`split`. Made by
+    :meth:`NumpyKernels.common_mode` with ``panel_table=True``.
+
+    Examples
+    --------
+    >>> o = PanelOffset(1024.0, np.array([0, 5, -3], np.int16), np.array([1, 0, -1], np.int32))
+    >>> o.values().tolist()
+    [1021.0, 1029.0, 1024.0]
+    """
+
+    base: float
+    table: np.ndarray
+    panel: np.ndarray
+
+    def split(self):
+        """The same offsets as a :class:`SplitOffset` (int16 per pixel)."""
+        return SplitOffset(self.base, np.ascontiguousarray(self.table[self.panel + 1], np.int16))
+
+    def values(self):
+        """The offsets as float64 (n,)."""
+        return self.base + self.table[self.panel + 1].astype(np.float64)
+
+
+def _panel_table(median, offset, scale, base):
+    """int16 table of :class:`PanelOffset` (deltas from ``base`` of
+    ``float32(offset + median[p] / scale)``, entry 0 ``float32(offset)``), or None where
+    one of them is not an integer or does not fit (the check of the C kernel)."""
+    o = np.empty(median.size + 1, np.float64)
+    o[0] = offset
+    o[1:] = offset + median / scale
+    o = o.astype(np.float32).astype(np.float64)
+    d = o - base
+    if not np.all((o == np.floor(o)) & (d >= -32768) & (d <= 32767)):
+        return None
+    return d.astype(np.int16)
+
+
+def _table_ok(offset, scale, split, panel_table):
+    """Whether :meth:`~NumpyKernels.common_mode` may return a :class:`PanelOffset`."""
+    return (panel_table and split and not isinstance(offset, (SplitOffset, PanelOffset))
+            and np.ndim(offset) == 0 and np.ndim(scale) == 0 and float(scale) > 0)
+
+
 def _panel_runs(panel):
     """Starts of the runs of equal consecutive panel ids, then ``panel.size`` (int32)."""
     if panel.size == 0:
@@ -192,7 +249,7 @@ def _split_base(offset):
 
 def offset_values(offset):
     """Scalar offset as float, per-pixel offsets (array or :class:`SplitOffset`) as an array."""
-    if isinstance(offset, SplitOffset):
+    if isinstance(offset, (SplitOffset, PanelOffset)):
         return offset.values()
     return offset
 
@@ -205,10 +262,11 @@ class CommonMode:
     ----------
     median : ndarray of float64, (n_panels,)
         Common mode of each panel, photons (0 for a panel without pixels below the limit).
-    offset : ndarray of float32, (n,), or SplitOffset
+    offset : ndarray of float32, (n,), SplitOffset or PanelOffset
         Per-pixel offset that subtracts it: ``float32(offset_i + median[panel_i] / scale_i)``;
         with ``split=True``, a :class:`SplitOffset` of the same values where they are all
-        integers that fit (:func:`split_offset`).
+        integers that fit (:func:`split_offset`); with ``panel_table=True`` too, a
+        :class:`PanelOffset` of them where the offset and scale are scalars.
     """
 
     median: np.ndarray
@@ -248,7 +306,7 @@ class NumpyKernels:
 
     name = "numpy"
 
-    def workspace(self, bins, n_bins):
+    def workspace(self, bins, n_bins, panel=None):
         """Per-geometry data and scratch buffers reused across frames (none needed here)."""
         return None
 
@@ -325,7 +383,7 @@ class NumpyKernels:
             n_nonfinite=int(np.count_nonzero(inside & ~finite)))
 
     def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None, stride=1,
-                    split=False):
+                    split=False, panel_table=False):
         """Per-panel common mode (median of the "no photon" pixels) and its correction.
 
         For each panel, the lower median of the finite photon values ``v < below`` of its
@@ -351,6 +409,10 @@ class NumpyKernels:
             ``scale_i <= 0``); with ``split``, a :class:`SplitOffset` of the same values
             when they are all integers whose deltas from the base (that of ``offset`` when
             it is a :class:`SplitOffset`, else :data:`SPLIT_OFFSET_BASE`) fit in int16.
+            With ``split`` and ``panel_table``, a scalar ``offset`` and a scalar
+            ``scale > 0``, a :class:`PanelOffset` (``panel`` itself, one int16 delta per
+            panel) of the same values where they are all such integers: no per-pixel array
+            is filled.
 
         Examples
         --------
@@ -383,6 +445,11 @@ class NumpyKernels:
         at = np.argmax(cum > ((n - 1) // 2)[:, None], axis=1)
         rows = np.arange(n_panels)
         median = np.where(n > 0, total[rows, at] / np.maximum(count[rows, at], 1), 0.0)
+        if _table_ok(offset, scale, split, panel_table):
+            table = _panel_table(median, float(offset), float(scale), SPLIT_OFFSET_BASE)
+            if table is not None:
+                return CommonMode(median=median,
+                                  offset=PanelOffset(SPLIT_OFFSET_BASE, table, panel))
         base = np.broadcast_to(np.asarray(offset_values(offset), np.float64), flat.shape)
         sc = np.broadcast_to(np.asarray(scale, np.float64), flat.shape)
         shift = (panel >= 0) & (sc > 0)
@@ -449,13 +516,16 @@ class NumpyKernels:
 CHUNK = 16
 
 
-def bin_chunks(bins):
+def bin_chunks(bins, panel=None):
     """Chunks of at most :data:`CHUNK` consecutive pixels sharing a bin (C bin table).
 
     Parameters
     ----------
     bins : ndarray of int32, (n,)
         Bin of each pixel, -1 for none.
+    panel : ndarray of int32, (n,), optional
+        Panel id of each pixel: chunks are also split where it changes (so that a chunk
+        has one panel, for :class:`PanelOffset`).
 
     Returns
     -------
@@ -474,7 +544,13 @@ def bin_chunks(bins):
     n = bins.size
     if n and int(bins.max()) >= 1 << 28:
         raise ValueError("the C kernels take at most 2**28 bins")
-    change = np.flatnonzero(bins[1:] != bins[:-1]) + 1
+    step = bins[1:] != bins[:-1]
+    if panel is not None:
+        panel = np.asarray(panel).reshape(-1)
+        if panel.shape != bins.shape:
+            raise ValueError("panel must have one id per pixel")
+        step |= panel[1:] != panel[:-1]
+    change = np.flatnonzero(step) + 1
     starts = np.concatenate(([0], change)).astype(np.int64)
     ends = np.concatenate((change, [n])).astype(np.int64)
     keep = bins[starts] >= 0 if n else np.zeros(0, bool)
@@ -497,10 +573,19 @@ def _common_mode_range(below):
 class _CWorkspace:
     """Bin chunks (precomputed once per geometry) and scratch buffers."""
 
-    def __init__(self, bins, n_bins):
+    def __init__(self, bins, n_bins, panel=None):
         self.bins = bins  # the caller's array: identity check per call, no copy
         self.n_pixels, self.n_bins = int(np.size(bins)), n_bins
-        self.chunk_start, self.chunk_code = bin_chunks(bins)
+        self.chunk_start, self.chunk_code = bin_chunks(bins, panel)
+        # PanelOffset support: panel index + 1 of every chunk and pixel
+        self.panel = self.chunk_panel = self.pixel_panel = None
+        if panel is not None:
+            if np.size(panel) != self.n_pixels or (self.n_pixels and int(np.min(panel)) < -1):
+                raise ValueError("panel must hold one id >= -1 per pixel")
+            self.panel = panel
+            self.pixel_panel = np.ascontiguousarray(np.asarray(panel).reshape(-1) + 1, np.int32)
+            self.chunk_panel = np.ascontiguousarray(self.pixel_panel[self.chunk_start])
+            self.table_size = int(self.pixel_panel.max(initial=0)) + 1
         self.sum = np.zeros(n_bins, np.float64)
         self.sumsq = np.zeros(n_bins, np.float64)
         self.excluded = np.zeros(n_bins, np.int32)
@@ -520,6 +605,26 @@ class _CWorkspace:
 
 def _ptr(a):
     return None if a is None else a.ctypes.data
+
+
+#: Frame dtypes of the C kernels' integer path (where a PanelOffset applies per chunk).
+_INT16_CODES = (0, 1, 2, 3)
+
+
+def _panel_args(offset, flat, scale, ws):
+    """(offset, chunk_panel, pixel_panel, table): a :class:`PanelOffset` the C kernels can
+    take per chunk (integer frame, scalar scale > 0, workspace built with its ``panel``)
+    with its tables; any other offset as it is (a PanelOffset as its SplitOffset)."""
+    if not isinstance(offset, PanelOffset):
+        return offset, None, None, None
+    p = offset.panel
+    t = offset.table
+    if (ws is not None and ws.panel is not None and DTYPE_CODES.get(flat.dtype) in _INT16_CODES
+            and np.ndim(scale) == 0 and float(scale) > 0 and t.dtype == np.int16
+            and t.flags.c_contiguous and (ws.panel is p or np.array_equal(ws.panel, p))
+            and t.size >= ws.table_size):
+        return float(offset.base), ws.chunk_panel, ws.pixel_panel, t
+    return offset.split(), None, None, None
 
 
 def _offset_args(offset, scale, n):
@@ -558,11 +663,12 @@ class CKernels(NumpyKernels):
         if lib.lcls_abi_version() != ABI_VERSION:
             raise OSError(f"{path}: kernel ABI {lib.lcls_abi_version()} != {ABI_VERSION}")
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-        lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P, P, D, D, D, D,
+        lib.lcls_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P, P, P, P,
+                                        D, D, D, D,
                                         P, P, P, P, P, P, P, P, P, P, P]
         lib.lcls_accumulate.restype = I
         lib.lcls_profile_accumulate.argtypes = [P, I, I64, I64, P, P, ctypes.c_int32, P, P, P,
-                                                D, D, D, P, P, P, P]
+                                                P, P, D, D, D, P, P, P, P]
         lib.lcls_profile_accumulate.restype = I
         lib.lcls_panel_common_mode.argtypes = [P, I, I64, P, ctypes.c_int32, P, I64, P, P, P,
                                                D, D, D, D, ctypes.c_int32, I64, P, P, P, P, P,
@@ -570,13 +676,15 @@ class CKernels(NumpyKernels):
         lib.lcls_panel_common_mode.restype = I
         lib.lcls_simd_level.argtypes = [I]
         lib.lcls_simd_level.restype = I
-        lib.lcls_find_peaks.argtypes = [P, I, I64, I64, I64, P, P, P, P, D, D, D, P, P, P, I,
+        lib.lcls_find_peaks.argtypes = [P, I, I64, I64, I64, P, P, P, P, P, P, D, D, D, P, P, P, I,
                                         I64, I64, P, P, P, P, I64, P, P, P]
         lib.lcls_find_peaks.restype = I
         self.lib, self.path = lib, path
 
-    def workspace(self, bins, n_bins):
-        return _CWorkspace(bins, n_bins)
+    def workspace(self, bins, n_bins, panel=None):
+        """Bin chunks and scratch buffers; with ``panel`` (int32 ids, -1 none, the array
+        :class:`PanelOffset` offsets will carry), chunks are split at panel changes."""
+        return _CWorkspace(bins, n_bins, panel)
 
     def simd_level(self, max_level=None):
         """SIMD level of the uint16 paths: 0 scalar, 1 SSE2, 2 AVX2 (run-time detection).
@@ -600,11 +708,13 @@ class CKernels(NumpyKernels):
         if ws is None:
             ws = self.workspace(bins, n_bins)
         self._check(flat, bins, ws, n_bins)
+        offset, cp, _, pt = _panel_args(offset, flat, scale, ws)
         off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_accumulate(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.chunk_start.size,
             ws.chunk_start.ctypes.data, ws.chunk_code.ctypes.data, n_bins,
-            _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc, float(hot), float(cand_thr),
+            _ptr(off_px), _ptr(sc_px), _ptr(off_d), _ptr(cp), _ptr(pt), off, sc, float(hot),
+            float(cand_thr),
             ws.sum.ctypes.data, ws.sumsq.ctypes.data, ws.excluded.ctypes.data,
             ws.binmax.ctypes.data, ws.work.ctypes.data,
             ws.span_start.ctypes.data, ws.span_len.ctypes.data, ws.span_max.ctypes.data,
@@ -622,11 +732,12 @@ class CKernels(NumpyKernels):
         if ws is None:
             ws = self.workspace(bins, n_bins)
         self._check(flat, bins, ws, n_bins)
+        offset, cp, _, pt = _panel_args(offset, flat, scale, ws)
         off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_profile_accumulate(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, ws.chunk_start.size,
             ws.chunk_start.ctypes.data, ws.chunk_code.ctypes.data, n_bins,
-            _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc, float(hot),
+            _ptr(off_px), _ptr(sc_px), _ptr(off_d), _ptr(cp), _ptr(pt), off, sc, float(hot),
             ws.sum.ctypes.data, ws.excluded.ctypes.data, ws.work.ctypes.data,
             ws.counts.ctypes.data)
         if rc != 0:
@@ -635,7 +746,7 @@ class CKernels(NumpyKernels):
                                    n_nonfinite=int(ws.counts[0]))
 
     def common_mode(self, flat, panel, n_panels, offset, scale, below, ws=None, stride=1,
-                    split=False):
+                    split=False, panel_table=False):
         if int(stride) < 1:
             raise ValueError("stride must be >= 1")
         if flat.dtype not in DTYPE_CODES or not flat.flags.c_contiguous or flat.ndim != 1:
@@ -661,6 +772,19 @@ class CKernels(NumpyKernels):
         count, total, median, out, out_d = buf
         off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
         base = _split_base(offset)
+        if _table_ok(offset, scale, split, panel_table):
+            # medians only (no per-pixel output), then one offset per panel
+            rc = self.lib.lcls_panel_common_mode(
+                flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, panel.ctypes.data,
+                n_panels, runs.ctypes.data, runs.size - 1, None, None, None, off, sc,
+                float(below), lo, n_hist, int(stride), count.ctypes.data, total.ctypes.data,
+                median.ctypes.data, None, None, base)
+            if rc < 0:
+                raise ValueError(f"lcls_panel_common_mode failed ({rc})")
+            table = _panel_table(median, off, sc, SPLIT_OFFSET_BASE)
+            if table is not None:
+                return CommonMode(median=median,
+                                  offset=PanelOffset(SPLIT_OFFSET_BASE, table, panel))
         rc = self.lib.lcls_panel_common_mode(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], flat.size, panel.ctypes.data, n_panels,
             runs.ctypes.data, runs.size - 1, _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc,
@@ -701,10 +825,11 @@ class CKernels(NumpyKernels):
             if span_bin.size != start.size or (span_bin.size and (
                     int(span_bin.min()) < 0 or int(span_bin.max()) >= ws.n_bins)):
                 raise ValueError("span_bin must hold one bin (0 <= bin < n_bins) per span")
+        offset, _, pp, pt = _panel_args(offset, flat, scale, ws)
         off_px, off_d, off, sc_px, sc = _offset_args(offset, scale, flat.size)
         rc = self.lib.lcls_find_peaks(
             flat.ctypes.data, DTYPE_CODES[flat.dtype], n_mod, ny, nx, bins.ctypes.data,
-            _ptr(off_px), _ptr(sc_px), _ptr(off_d), off, sc, float(hot), thr.ctypes.data,
+            _ptr(off_px), _ptr(sc_px), _ptr(off_d), _ptr(pp), _ptr(pt), off, sc, float(hot), thr.ctypes.data,
             bg.ctypes.data,
             _ptr(panel), int(connectivity), int(min_pix), int(max_pix),
             start.ctypes.data, length.ctypes.data, vmax.ctypes.data, _ptr(span_bin),

@@ -414,7 +414,6 @@ class FramePreprocessor:
                 raise InputError(f"panel_ids shape {panel_ids.shape} does not match frame shape "
                                  f"{self.frame_shape}", "geometry")
             self.panel_ids = np.ascontiguousarray(panel_ids.astype(np.int32).reshape(-1))
-        self._ws = self.kernels.workspace(self.bins, self.n_bins)
         self._profile_bins = self._profile_ws = None
         self._cm_panel = None
         if p.common_mode == "panel-median":
@@ -429,6 +428,9 @@ class FramePreprocessor:
             self._cm_panel = np.full(ids.size, -1, np.int32)
             self._cm_panel[good] = inv.astype(np.int32)
             self._cm_n = max(int(uniq.size), 1)
+        # with common mode, chunks of the C kernels never straddle panels: the per-panel
+        # corrections are applied per chunk (PanelOffset), no per-pixel offset array
+        self._ws = self.kernels.workspace(self.bins, self.n_bins, panel=self._cm_panel)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -480,7 +482,9 @@ class FramePreprocessor:
         For integer frames (8/16 bit) with a scalar scale the offset is integer ADU
         (:class:`~lcls_dl.ingest.kernels.SplitOffset`) where it can be: an integral dark,
         and common-mode offsets that are whole ADU (integer frames: the median is one ADU
-        value).
+        value). Without a per-pixel dark the common mode comes as a
+        :class:`~lcls_dl.ingest.kernels.PanelOffset` (one integer per panel, applied per
+        chunk by the C kernels: no per-pixel offset array is filled or read).
         """
         int_frame = flat.dtype in _INT_FRAME_DTYPES and np.ndim(self.scale) == 0
         static = self._offset_int if int_frame and self._offset_int is not None else self.offset
@@ -488,7 +492,8 @@ class FramePreprocessor:
             return static
         return self.kernels.common_mode(flat, self._cm_panel, self._cm_n, static, self.scale,
                                         self.params.common_mode_below, self._ws,
-                                        stride=COMMON_MODE_STRIDE, split=int_frame).offset
+                                        stride=COMMON_MODE_STRIDE, split=int_frame,
+                                        panel_table=True).offset
 
     def _accumulate(self, frame, where):
         """Fused pass over the fine bins; refuses non-finite used pixels."""
@@ -517,7 +522,8 @@ class FramePreprocessor:
         flat = self._prepare(frame, where)
         if self._profile_ws is None:  # built on first use: __call__ never needs it
             self._profile_bins = self.profile_bin.reshape(-1)
-            self._profile_ws = self.kernels.workspace(self._profile_bins, self.params.n_q)
+            self._profile_ws = self.kernels.workspace(self._profile_bins, self.params.n_q,
+                                                      panel=self._cm_panel)
         acc = self.kernels.profile_accumulate(flat, self._profile_bins, self.params.n_q,
                                               self._frame_offset(flat), self.scale, self.hot,
                                               self._profile_ws)
