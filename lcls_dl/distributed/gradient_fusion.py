@@ -13,9 +13,10 @@ module removes all three:
    call), and the concatenation of the small ones is a small copy inside the step.
    The ``1 / size`` of the average is folded into the loss, so only a sum remains.
 2. **Zero-copy reduction** (:class:`TensorReducer`): each returned tensor's CPU buffer
-   is exposed to MPI as a writable numpy view (DLPack, no copy) and summed over ranks
-   in place (``World.allreduce_sum_inplace``: one ``Allreduce(IN_PLACE)`` per buffer,
-   in chunks of at most 16 MiB).
+   is exposed to MPI as a writable numpy view (:func:`host_view`: ``EagerTensor._numpy()``
+   where that shares memory, else DLPack; no copy either way) and summed over ranks in
+   place (``World.allreduce_sum_inplace``: one ``Allreduce(IN_PLACE)`` per buffer, in
+   chunks of at most 16 MiB).
 3. **Back in the step**: the same tensors go into the compiled update, which splits the
    flat one again (:meth:`FusionPlan.unfuse`) and applies.
 
