@@ -150,9 +150,10 @@ def test_batch_script_text_is_valid_bash(scheduler, marker, launch, tmp_path):
     path = tmp_path / "job.sh"
     path.write_text(text)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    # ranks started by srun/jsrun/mpirun get the huge-page tunable lcls-dl's launcher sets
+    # ranks started by srun/jsrun/mpirun get the malloc tunables lcls-dl's launcher sets
     (line,) = [ln for ln in text.splitlines() if ln.startswith("export GLIBC_TUNABLES=")]
-    huge = "glibc.malloc.hugetlb=1"
+    huge = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:" \
+           "glibc.malloc.trim_threshold=67108864"
     for before, after in (("", huge), ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:" + huge)):
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         if before:
@@ -210,6 +211,13 @@ AVERAGER_SCRIPT = """
     GradientAverager(world.comm, chunk_bytes=1024).sum_in_place(mine)
     res["inplace_err"] = max(float(np.max(np.abs(m - world.size * e), initial=0))
                              for m, e in zip(mine, exact))
+    ro = np.ones(3, np.float32)
+    ro.flags.writeable = False
+    try:  # refused by mpi4py before any rank communicates: every rank gets the error
+        GradientAverager(world.comm).sum_in_place([ro])
+        res["read_only"] = "accepted"
+    except Exception as exc:
+        res["read_only"] = f"{type(exc).__name__}: {exc}"
     res["sum"] = world.allreduce_sum(world.rank + 1)
     res["agree_mixed"] = world.agree(world.rank == 0)
     res["agree_all"] = world.agree(True)
@@ -241,6 +249,7 @@ def test_gradient_averager_two_ranks(tmp_path):
     # direct: 4000- and 630-float arrays in 512-float chunks, the 9 floats packed
     assert res["None-False-direct"]["calls"] == 1 + 8 + 2
     assert res["inplace_err"] < 1e-5
+    assert res["read_only"].startswith("InputError: in-place allreduce needs contiguous")
     assert res["sum"] == 3 and res["agree_mixed"] is False and res["agree_all"] is True
     assert res["bcast"] == [4.0] * 5 and res["obj"] == {"r": 0}
 

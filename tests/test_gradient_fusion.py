@@ -78,3 +78,30 @@ def test_reducer_sums_in_place_and_guards_shared_memory():
     (r,) = TensorReducer(world, protect=[var])([read])
     np.testing.assert_array_equal(r.numpy(), 2 * np.arange(6))
     np.testing.assert_array_equal(var.numpy(), np.arange(6))
+
+
+def test_reducer_later_calls_still_sum_once_and_guard_overlap():
+    """After the first call checked the step, later calls take views directly: every
+    call must still sum each buffer once, and outputs that share memory on a later
+    call (not on the first) must still go through a copy."""
+    world = DoublingWorld()
+    step = tf.function(lambda x, y: [x * 1.0, y + 0.0])
+    reducer = TensorReducer(world)
+    for k in range(3):
+        a, b = reducer(step(tf.fill([5], float(k)), tf.fill([7], 1.0 + k)))
+        np.testing.assert_array_equal(a.numpy(), np.full(5, 2.0 * k))
+        np.testing.assert_array_equal(b.numpy(), np.full(7, 2.0 * (1 + k)))
+    t = tf.function(lambda x: x + 1.0)(tf.zeros(8))
+    a, b = reducer([t, t])
+    np.testing.assert_array_equal(a.numpy(), np.full(8, 2.0))
+    np.testing.assert_array_equal(b.numpy(), np.full(8, 2.0))
+    np.testing.assert_array_equal(t.numpy(), np.ones(8))
+    assert len(world.calls) == 4
+    # more outputs than the pairwise check covers: the address-span check
+    five = tf.function(lambda x: [x + float(i) for i in range(5)])
+    many = TensorReducer(world)
+    out = many(five(tf.zeros(3)))
+    assert [float(o[0]) for o in out] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    ts = five(tf.zeros(3))
+    out = many([ts[0], ts[1], ts[2], ts[3], ts[1]])
+    assert [float(o[0]) for o in out] == [0.0, 2.0, 4.0, 6.0, 2.0]

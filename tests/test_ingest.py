@@ -392,7 +392,9 @@ def test_launcher_environment_and_command():
     assert "--oversubscribe" not in cmd and "hosts" in cmd
     # one host: shared memory only (MPI_Init without the slow TCP probe); never across nodes
     env = launcher.rank_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    assert env["OMPI_MCA_btl"] == "self,sm" and env["GLIBC_TUNABLES"].endswith("hugetlb=1")
+    assert env["OMPI_MCA_btl"] == "self,sm"
+    assert env["GLIBC_TUNABLES"].split(":")[:2] == ["glibc.malloc.arena_max=2", "glibc.malloc.hugetlb=1"]
+    assert "glibc.malloc.mmap_threshold=33554432" in env["GLIBC_TUNABLES"]
     assert env["OMPI_MCA_mpi_yield_when_idle"] == "1"
     assert launcher.rank_environment({"OMPI_MCA_mpi_yield_when_idle": "0"})[
         "OMPI_MCA_mpi_yield_when_idle"] == "0"                  # the user's choice wins

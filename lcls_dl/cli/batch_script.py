@@ -9,6 +9,7 @@ import shlex
 
 import click
 
+from ..distributed.launcher import MALLOC_TUNABLES
 from ..errors import InputError
 
 SCHEDULERS = ("slurm", "pbs", "lsf")
@@ -131,8 +132,9 @@ def make_batch_script(command, scheduler, nodes, ranks_per_node, time="01:00:00"
         lines.append(f"source {shlex.quote(os.path.join(venv, 'bin', 'activate'))}")
     lines.append("export TF_CPP_MIN_LOG_LEVEL=2")
     # what lcls-dl's own launcher gives its ranks (srun/jsrun/mpirun here bypass it)
-    lines.append('export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"'
-                 "   # huge pages for TensorFlow's tensors")
+    tunables = ":".join(f"{k}={v}" for k, v in MALLOC_TUNABLES)
+    lines.append(f'export GLIBC_TUNABLES="${{GLIBC_TUNABLES:+$GLIBC_TUNABLES:}}{tunables}"'
+                 "   # huge pages for TensorFlow's tensors, reused malloc buffers")
     if cpus_per_rank:
         lines.append(f"export LCLS_DL_THREADS={int(cpus_per_rank)}   # TensorFlow threads per rank")
     else:

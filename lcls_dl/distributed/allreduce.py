@@ -285,17 +285,26 @@ class GradientAverager:
             C-contiguous, writable; overwritten with the sums.
         """
         MPI = self._MPI
+        comm = self.comm
+        limit = self.chunk_bytes
         for buf in buffers:
-            flat = buf.reshape(-1)
+            # the usual buffer fits one call: hand it to MPI as it is, no Python-side
+            # checks (on a small model those cost more than the reduction's own
+            # overhead); mpi4py refuses read-only or non-contiguous memory itself
+            if buf.nbytes <= limit:
+                try:
+                    comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
+                except BufferError as exc:
+                    raise InputError("in-place allreduce needs contiguous writable arrays",
+                                     f"array of shape {buf.shape}: {exc}") from None
+                continue
             if not (buf.flags.c_contiguous and buf.flags.writeable):
                 raise InputError("in-place allreduce needs contiguous writable arrays",
                                  f"array of shape {buf.shape}")
-            step = max(1, self.chunk_bytes // flat.itemsize)
-            if flat.size <= step:
-                self.comm.Allreduce(MPI.IN_PLACE, flat, MPI.SUM)
-                continue
+            flat = buf.reshape(-1)
+            step = max(1, limit // flat.itemsize)
             for start in range(0, flat.size, step):
-                self.comm.Allreduce(MPI.IN_PLACE, flat[start:start + step], MPI.SUM)
+                comm.Allreduce(MPI.IN_PLACE, flat[start:start + step], MPI.SUM)
 
     @property
     def nbytes(self):

@@ -7,10 +7,12 @@ runs at memory speed, each copy costs about as much as the reduction itself. Thi
 module removes all three:
 
 1. **Fusion inside the step** (:class:`FusionPlan`): the compiled gradient step returns
-   the small gradients (below ``fuse_below`` bytes) concatenated into one flat tensor,
-   and each large gradient as its own tensor. A few large buffers are what ``Allreduce``
-   reduces fastest (measured on one node: 6.2 GB/s at 1 MiB, 8.3 GB/s at 16 MiB per
-   call), and the concatenation of the small ones is a small copy inside the step.
+   the small gradients (below ``fuse_below`` bytes, 512 KiB by default) concatenated
+   into one flat tensor, and each larger gradient as its own tensor. The threshold is
+   where the two costs meet: one more ``Allreduce`` call costs ~10-20 us, while
+   copying a gradient out of cache runs at ~15 GB/s, about half of what it costs to
+   reduce it (7 GB/s at np=2 on one node), so fusing a 4 MiB gradient costs ~0.25 ms
+   and sending it alone costs nothing extra.
    The ``1 / size`` of the average is folded into the loss, so only a sum remains.
 2. **Zero-copy reduction** (:class:`TensorReducer`): each returned tensor's CPU buffer
    is exposed to MPI as a writable numpy view (:func:`host_view`: ``EagerTensor._numpy()``
@@ -47,7 +49,8 @@ import ctypes
 import numpy as np
 
 #: gradients smaller than this are concatenated into one flat buffer inside the step
-DEFAULT_FUSE_BELOW = 4 << 20
+#: (benchmarks/allreduce_bench.py --fuse-below compares thresholds)
+DEFAULT_FUSE_BELOW = 512 << 10
 
 
 class _DLPack:
@@ -129,6 +132,15 @@ def _span(a):
     return start, start + a.nbytes
 
 
+def _disjoint(views):
+    """Whether no two arrays share memory (their address ranges do not overlap)."""
+    if len(views) <= 4:  # a few bounds checks cost less than building the spans
+        return not any(np.may_share_memory(a, b) for i, a in enumerate(views)
+                       for b in views[i + 1:])
+    spans = sorted(_span(v) for v in views)
+    return all(s1 >= e0 for (_, e0), (s1, _) in zip(spans, spans[1:]))
+
+
 class FusionPlan:
     """Which gradients travel fused (one flat tensor) and which as their own buffers.
 
@@ -195,10 +207,13 @@ class TensorReducer:
 
     Host-memory tensors are reduced in place through zero-copy views and returned as
     they are; any other tensor (device memory, sharing memory with another output, or
-    with one of ``protect``) is copied, reduced and returned as a new tensor. Whether
-    an output aliases a protected variable is decided by the compiled graph, so it is
-    checked on the first call (and whenever the number of tensors changes), not on
-    every step.
+    with one of ``protect``) is copied, reduced and returned as a new tensor.
+
+    A reducer serves one compiled step. Where its outputs live (host or device memory),
+    their dtypes and whether one aliases a protected variable are fixed by the compiled
+    graph, so they are checked on the first call (and whenever the number of tensors
+    changes), not on every step; later calls only check that no two outputs share
+    memory. Use a new reducer for another step.
 
     Parameters
     ----------
@@ -212,6 +227,7 @@ class TensorReducer:
         self.world = world
         self.protect = list(protect)
         self._copy = None  # indices that always travel through a copy
+        self._checked = None  # number of outputs found all reducible in place by _numpy()
 
     def _aliased(self, views):
         import tensorflow as tf
@@ -232,19 +248,32 @@ class TensorReducer:
         list of tf.Tensor
             The sums, in order: the input tensors themselves where reduced in place.
         """
+        n = len(tensors)
+        if n == self._checked:
+            # the step's outputs were checked on the first call (host memory, float,
+            # shared by _numpy(), no protected variable): only what can change from one
+            # call to the next, overlap between outputs, is checked again. On a small
+            # model the whole Python path costs about as much as the reduction's own
+            # overhead, so it is kept this short.
+            views = [t._numpy() for t in tensors]
+            if n == 1 or _disjoint(views):
+                self.world.allreduce_sum_inplace(views)
+                return list(tensors)
         views = [host_view(t) for t in tensors]
-        if self._copy is None or self._copy[0] != len(views):
-            self._copy = (len(views), self._aliased(views))
+        if self._copy is None or self._copy[0] != n:
+            self._copy = (n, self._aliased(views))
         for i in self._copy[1]:
             views[i] = None
-        if len(views) > 1:
+        if n > 1:
             spans = sorted(_span(v) + (i,) for i, v in enumerate(views) if v is not None)
             for (_, e0, i0), (s1, _, i1) in zip(spans, spans[1:]):
                 if s1 < e0:  # two outputs share memory: reducing both in place doubles it
                     views[i0] = views[i1] = None
         if all(v is not None for v in views):  # the usual step: all reduced where they lie
+            self._checked = n if (_numpy_shares_memory() and not self._copy[1]) else None
             self.world.allreduce_sum_inplace(views)
             return list(tensors)
+        self._checked = None
         import tensorflow as tf
 
         copies = {i: np.array(t) for i, (t, v) in enumerate(zip(tensors, views)) if v is None}

@@ -137,8 +137,24 @@ def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, core
     return cmd
 
 
-#: glibc tunable: malloc asks for transparent huge pages (glibc >= 2.35; older ones ignore it)
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+#: glibc malloc tunables for the ranks (glibc >= 2.35 for hugetlb; unknown ones are
+#: ignored): transparent huge pages, and fixed mmap/trim thresholds so that buffers up
+#: to 32 MiB freed by one call are reused by the next instead of being mapped afresh
+MALLOC_TUNABLES = (("glibc.malloc.hugetlb", "1"),
+                   ("glibc.malloc.mmap_threshold", str(32 << 20)),
+                   ("glibc.malloc.trim_threshold", str(64 << 20)))
+
+
+def with_malloc_tunables(tunables=""):
+    """``GLIBC_TUNABLES`` value: ``tunables`` plus each of :data:`MALLOC_TUNABLES` it
+    does not set already (what the user set wins).
+
+    >>> with_malloc_tunables("glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=0")
+    'glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=0:glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432'
+    """
+    have = {t.split("=", 1)[0] for t in tunables.split(":") if t}
+    extra = [f"{k}={v}" for k, v in MALLOC_TUNABLES if k not in have]
+    return ":".join(t for t in [tunables] + extra if t)
 
 
 def rank_environment(environ=None, hostfile=None, mpiexec_args=()):
@@ -151,16 +167,20 @@ def rank_environment(environ=None, hostfile=None, mpiexec_args=()):
       its core. Each rank also runs TensorFlow's and the input pipeline's threads, so the
       cores are shared even at one rank per core: weak scaling np=2/np=1 on 2 cores was
       1.88x (median of 5 rounds) with it, 1.79x (3 rounds) with Open MPI's busy polling;
-    - ``GLIBC_TUNABLES`` gains :data:`HUGEPAGE_TUNABLE` unless it already sets
-      ``glibc.malloc.hugetlb``. NumPy asks for huge pages for its large arrays, but
-      TensorFlow's tensors come from plain ``malloc``: without huge pages an in-place
-      ``Allreduce`` of a 10-19 MB gradient tensor ran 16-23% slower than of a NumPy
-      array of the same size on this machine, with them as fast.
+    - ``GLIBC_TUNABLES`` gains :data:`MALLOC_TUNABLES` (:func:`with_malloc_tunables`):
+      NumPy asks for huge pages for its large arrays, but TensorFlow's tensors come from
+      plain ``malloc``: without huge pages an in-place ``Allreduce`` of a 10-19 MB
+      gradient tensor ran 16-23% slower than of a NumPy array of the same size on this
+      machine. Huge pages alone made things worse elsewhere: Open MPI's allreduce
+      mallocs and frees a temporary buffer per call, which glibc then maps afresh at
+      every call, now as huge pages zeroed at each fault: 512 KiB - 1 MiB reductions
+      took 200-330 us instead of 85-160 us, in some runs and not others. The fixed
+      thresholds keep such buffers in the heap.
 
     Examples
     --------
     >>> rank_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]
-    'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+    'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864'
     """
     env = dict(os.environ if environ is None else environ)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -170,9 +190,7 @@ def rank_environment(environ=None, hostfile=None, mpiexec_args=()):
     if single_host(hostfile, mpiexec_args, env):
         env["OMPI_MCA_btl"] = "self,sm"
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t)
+    env["GLIBC_TUNABLES"] = with_malloc_tunables(env.get("GLIBC_TUNABLES", ""))
     return env
 
 
