@@ -9,10 +9,10 @@ module removes all three:
 1. **Fusion inside the step** (:class:`FusionPlan`): the compiled gradient step returns
    the small gradients (below ``fuse_below`` bytes, 512 KiB by default) concatenated
    into one flat tensor, and each larger gradient as its own tensor. The threshold is
-   where the two costs meet: one more ``Allreduce`` call costs ~10-20 us, while
-   copying a gradient out of cache runs at ~15 GB/s, about half of what it costs to
-   reduce it (7 GB/s at np=2 on one node), so fusing a 4 MiB gradient costs ~0.25 ms
-   and sending it alone costs nothing extra.
+   where the two costs meet: one more ``Allreduce`` call costs ~10-30 us, while a copy
+   out of cache runs at ~15 GB/s and so takes about half as long as reducing the same
+   bytes (~7 GB/s at np=2 on one node): fusing a 4 MiB gradient costs ~0.25 ms,
+   sending it alone one call.
    The ``1 / size`` of the average is folded into the loss, so only a sum remains.
 2. **Zero-copy reduction** (:class:`TensorReducer`): each returned tensor's CPU buffer
    is exposed to MPI as a writable numpy view (:func:`host_view`: ``EagerTensor._numpy()``
