@@ -284,6 +284,31 @@ def test_dead_ranks_survived_with_ulfm(data, tmp_path, fault_free, kill, lost, s
     assert line.startswith(f"[1,{min(set(range(3)) - set(lost))}]")
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_mpi
+def test_rank_lost_with_an_update_pending(data, tmp_path, fault_free):
+    """The training step applies its update at the start of the next step's call. A rank
+    that dies after a reduction, before that update, is seen by the others in the stop
+    check that follows: they must still apply the reduced update (every counted step is
+    applied exactly once) and end with the same weights."""
+    out, dbg = tmp_path / "m", tmp_path / "dbg"
+    dbg.mkdir()
+    proc = run(train_args(data, out, extra=["--np", "3"]), tmp_path, timeout=90,
+               LCLS_DL_TEST_KILL_AFTER_REDUCE="1:5", LCLS_DL_DEBUG_WEIGHTS=dbg)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "kills itself after reducing step 5" in proc.stdout + proc.stderr
+    tr = model_json(out)["training"]
+    assert tr["lost_ranks"] == [1] and tr["final_world_size"] == 2 and tr["epochs_run"] == 5
+    reports = [json.load(open(dbg / name)) for name in sorted(os.listdir(dbg))]
+    assert sorted(r["rank"] for r in reports) == [0, 2]
+    assert len({r["sha256"] for r in reports}) == 1
+    for r in reports:
+        assert r["iterations"] == r["updates_counted"], r
+    assert abs(_val_accuracy(model_json(out)) - _val_accuracy(fault_free)) <= 0.01
+
+
 # -- no ULFM or too few ranks: restart from the last checkpoint -------------------------------
 @pytest.mark.mpi
 @pytest.mark.slow
