@@ -132,13 +132,20 @@ def _span(a):
     return start, start + a.nbytes
 
 
+def _overlapping(views):
+    """Indices of the arrays (None entries skipped) whose address range overlaps
+    another's."""
+    spans = sorted(_span(v) + (i,) for i, v in enumerate(views) if v is not None)
+    return {j for (_, e0, i0), (s1, _, i1) in zip(spans, spans[1:]) if s1 < e0
+            for j in (i0, i1)}
+
+
 def _disjoint(views):
     """Whether no two arrays share memory (their address ranges do not overlap)."""
     if len(views) <= 4:  # a few bounds checks cost less than building the spans
         return not any(np.may_share_memory(a, b) for i, a in enumerate(views)
                        for b in views[i + 1:])
-    spans = sorted(_span(v) for v in views)
-    return all(s1 >= e0 for (_, e0), (s1, _) in zip(spans, spans[1:]))
+    return not _overlapping(views)
 
 
 class FusionPlan:
@@ -264,11 +271,9 @@ class TensorReducer:
             self._copy = (n, self._aliased(views))
         for i in self._copy[1]:
             views[i] = None
-        if n > 1:
-            spans = sorted(_span(v) + (i,) for i, v in enumerate(views) if v is not None)
-            for (_, e0, i0), (s1, _, i1) in zip(spans, spans[1:]):
-                if s1 < e0:  # two outputs share memory: reducing both in place doubles it
-                    views[i0] = views[i1] = None
+        # two outputs that share memory would be summed twice in place: copy both
+        for i in _overlapping(views) if n > 1 else ():
+            views[i] = None
         if all(v is not None for v in views):  # the usual step: all reduced where they lie
             self._checked = n if (_numpy_shares_memory() and not self._copy[1]) else None
             self.world.allreduce_sum_inplace(views)
