@@ -61,6 +61,10 @@ def test_np2_ranks_bitwise_identical_and_as_accurate_as_np1(np1, np2):
     assert sorted(dig) == [0, 1] and dig[0] == dig[1]
     assert abs(_val_accuracy(meta) - _val_accuracy(np1[1])) <= 0.05   # one frame of 20
     assert _val_accuracy(meta) >= 0.9                                  # it learned
+    # images/s counts every rank's frames: np=2 trained the same frames as np=1
+    frames = [m["training"]["images_per_second"] * m["training"]["train_seconds"]
+              for m in (np1[1], meta)]
+    assert frames[1] == pytest.approx(frames[0], rel=0.1)
     # only rank 0 reports
     written = [ln for ln in proc.stdout.splitlines() if "model written to" in ln]
     assert len(written) == 1 and written[0].startswith("[1,0]")

@@ -505,7 +505,9 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         ``{"history", "best_epoch", "best_val_loss", "epochs_run", "stopped_early",
         "train_seconds", "images_per_second", "interrupted", "checkpoint", "world_size",
         "lost_ranks", "recoveries", "peak_lr"}``; ``model`` holds the best weights
-        (the current ones when ``interrupted``).
+        (the current ones when ``interrupted``). ``images_per_second`` counts the
+        training frames of all ranks (not one rank's) over this run's wall time,
+        evaluation included; each history row has the same for its epoch's training.
     """
     import tensorflow as tf
 
@@ -613,6 +615,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     # updates: optimizer steps the loop has counted (== optimizer.iterations once applied)
     state = {"epoch": 0, "step": 0, "updates": 0, "sums": [0.0, 0.0, 0.0], "history": [],
              "best_val_loss": None, "best_epoch": 0, "wait": 0, "stopped": False}
+    resumed_frames = 0.0  # frames the resumed epoch had trained before this run
     if resume:
         path = latest_checkpoint(out_dir) if (out_dir and world.is_root) else None
         path = world.bcast_object(path)
@@ -634,6 +637,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         for v, a in zip(optimizer.variables, ovars):
             v.assign(a)
         state = {k: ck.get(k, state[k]) for k in state}
+        resumed_frames = float(state["sums"][2])
         if not world.is_root:  # the saved partial sums are the job's; count them once
             state["sums"] = [0.0, 0.0, 0.0]
         if state["step"] and ck.get("world_size", world.size) != world.size:
@@ -669,7 +673,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     writer = None
     hooks = _TestHooks(me)
     t_start = time.perf_counter()
-    images = 0
+    images = -resumed_frames  # frames trained by all ranks in this run
     sums = np.asarray(state.pop("sums"), np.float64)
     phase = "train" if state["epoch"] < cfg.epochs and not state["stopped"] else "done"
     stopped_early = bool(state["stopped"]) and state["epoch"] < cfg.epochs
@@ -753,7 +757,6 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                         apply_step([tf.convert_to_tensor(g) for g in reduced])
                     n = int(y.shape[0])
                     sums += (float(ce_sum), float(correct), n)
-                    images += n
                     state["step"] += 1
                     state["updates"] += 1
                     bar.update(1)
@@ -771,6 +774,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                             apply_fused(unapplied)
                             unapplied = None
                         sums = np.asarray(world.allreduce_sum(sums), np.float64)
+                        images += sums[2]
                         if not world.is_root:
                             sums[:] = 0.0
                         interrupted = stop.signal_name or "stop request"
@@ -795,6 +799,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                     bar.close()
                     bar = None
                 total = np.asarray(world.allreduce_sum(sums), np.float64)
+                images += total[2]
                 train_s = time.perf_counter() - t_epoch
                 val = evaluate_rows(model, dataset, val_rows, labels_all, world,
                                     cfg.batch_size * 4, logits_model=logits_model)
@@ -909,7 +914,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     return {"history": state["history"], "best_epoch": int(state["best_epoch"]),
             "best_val_loss": state["best_val_loss"], "epochs_run": int(state["epoch"]),
             "stopped_early": bool(stopped_early), "train_seconds": wall,
-            "images_per_second": images / max(wall, 1e-9) if images else None,
+            "images_per_second": images / max(wall, 1e-9) if images > 0 else None,
             "interrupted": interrupted, "checkpoint": ck_path,
             "step_in_epoch": int(state["step"]), "world_size": start_size,
             "final_world_size": world.size, "lost_ranks": lost, "recoveries": recoveries,
