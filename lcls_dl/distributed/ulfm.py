@@ -363,6 +363,10 @@ class FaultTolerantComm:
         self.world_ranks = [self.world_ranks[k] for k in kept]
         self.lost_world_ranks = sorted(set(self.lost_world_ranks) | set(lost_world))
         self.comm = new
+        try:  # revoked: nothing can use it again; ULFM lets it be freed with ranks dead
+            old.Free()
+        except self._MPI.Exception as exc:
+            log.debug("could not free the revoked communicator: %s", _error_name(exc))
         t_done = time.perf_counter()
         shrunk = WorldShrunk(old_size, new.Get_size(), lost, new, lost_world_ranks=lost_world,
                              cause=cause)
