@@ -118,7 +118,7 @@ def measure_size(tf, comm, millions, args):
     """Time every variant for a model of ``millions`` parameters; table rows on rank 0."""
     from mpi4py import MPI
 
-    from lcls_dl.distributed.allreduce import GradientAverager
+    from lcls_dl.distributed.gradient_averager import GradientAverager
     from lcls_dl.distributed.gradient_fusion import FusionPlan, TensorReducer
     from lcls_dl.distributed.mpi_world import MPIWorld
 

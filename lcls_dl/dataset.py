@@ -210,3 +210,90 @@ class Dataset:
         state = self.__dict__.copy()
         state["_open"] = {}
         return state
+
+
+# -- splits of the labeled frames ---------------------------------------------------------
+def split_fraction(sample_id, seed):
+    """Uniform number in [0, 1) from ``sha256("<seed>:<id>")``: the split key of a frame."""
+    digest = hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def split_rows(ids, labels, seed=0, val_fraction=0.15, test_fraction=0.0):
+    """Deterministic train/val/test split of the labeled rows by hashed sample id.
+
+    Parameters
+    ----------
+    ids : array of str
+    labels : array of int (-1 = unlabeled, excluded)
+    seed : int
+    val_fraction, test_fraction : float
+        Expected fractions of labeled frames in val and test.
+
+    Returns
+    -------
+    dict
+        ``{"train": rows, "val": rows, "test": rows}`` (int64 arrays, increasing).
+
+    Examples
+    --------
+    >>> s = split_rows(["a:0", "a:1", "a:2", "a:3"], [0, 1, 0, -1], seed=0, val_fraction=0.5)
+    >>> sorted(int(r) for r in np.concatenate([s["train"], s["val"], s["test"]]))
+    [0, 1, 2]
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise InputError(f"val fraction {val_fraction} + test fraction {test_fraction} must be "
+                         f"in [0, 1)")
+    labels = np.asarray(labels)
+    rows = np.flatnonzero(labels >= 0)
+    u = np.array([split_fraction(ids[r], seed) for r in rows])
+    test = u < test_fraction
+    val = (u >= test_fraction) & (u < test_fraction + val_fraction)
+    return {"train": rows[~test & ~val], "val": rows[val], "test": rows[test]}
+
+
+def labeled_splits(dataset, seed=0, val_fraction=0.15, test_fraction=0.0, ranks=1):
+    """The train/val/test rows of a dataset's labeled frames, checked for training.
+
+    What every training run needs of its data, and all of it cheap (no TensorFlow): the
+    launcher of ``lcls-dl train --np N`` runs it before it starts any rank.
+
+    Parameters
+    ----------
+    dataset : Dataset
+    seed, val_fraction, test_fraction
+        See :func:`split_rows`.
+    ranks : int
+        MPI ranks that will share the training rows: each needs at least one.
+
+    Returns
+    -------
+    dict
+        ``{"train": rows, "val": rows, "test": rows}``.
+
+    Raises
+    ------
+    InputError
+        No labeled frames, a single class, or fewer training frames than ranks.
+    """
+    labeled = dataset.labeled
+    where = dataset.path
+    if len(labeled) == 0:
+        raise InputError("no labeled frames (add labels with ingest --labels or lcls-dl label)",
+                         where)
+    present = sorted(set(dataset.labels[labeled].tolist()))
+    if len(present) < 2:
+        name = dataset.classes[present[0]] if present else "?"
+        raise InputError(f"only one class among the labeled frames ({name!r}); a classifier "
+                         f"needs at least two", where)
+    splits = split_rows(dataset.ids, dataset.labels, seed, val_fraction, test_fraction)
+    n_train = len(splits["train"])
+    if n_train == 0:
+        raise InputError("no labeled frames left for training after the validation/test split",
+                         where)
+    if n_train < int(ranks):
+        raise InputError(f"only {n_train} training frames (of {len(labeled)} labeled, after the "
+                         f"validation/test split) for {int(ranks)} ranks; every rank needs at "
+                         f"least one (label more frames, lower --val-fraction/--test-fraction "
+                         f"or use fewer ranks)", where)
+    return splits

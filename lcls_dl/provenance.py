@@ -9,7 +9,9 @@ from . import __version__
 def software_versions():
     """Return a dict of the versions that determine lcls-dl's numbers.
 
-    Imports nothing heavy: TensorFlow's version is read from package metadata.
+    Imports nothing heavy: TensorFlow's version is read from package metadata. In a
+    process that runs MPI (mpi4py.MPI already imported), ``mpi_library`` names the MPI
+    library the ranks used (first line of ``MPI.Get_library_version()``).
     """
     from importlib import metadata
 
@@ -21,6 +23,9 @@ def software_versions():
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:  # never initialize MPI just to report it
+        versions["mpi_library"] = mpi.Get_library_version().splitlines()[0].strip()
     return versions
 
 

@@ -13,6 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from helpers_data import make_dataset
 from lcls_dl.distributed.partition import partition, steps_per_epoch
 from lcls_dl.errors import InputError
 
@@ -36,6 +37,21 @@ def write_script(tmp_path, name, body):
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
     return path
+
+
+def test_public_names_survive_submodule_imports():
+    # a submodule named like a public function replaces it on the package once imported
+    import importlib
+    import pkgutil
+    import types
+
+    import lcls_dl.distributed as ld
+
+    for mod in pkgutil.iter_modules(ld.__path__):
+        importlib.import_module(f"lcls_dl.distributed.{mod.name}")
+    for name in ld.__all__:
+        assert not isinstance(getattr(ld, name), types.ModuleType), name
+    assert callable(ld.allreduce) and ld.allreduce(3.0) == 3.0   # one process: itself
 
 
 # ------------------------------------------------------------------ partition (one process)
@@ -82,7 +98,7 @@ def test_partition_reshuffles_each_epoch_and_is_reproducible():
 
 
 def test_partition_fewer_frames_than_ranks_is_an_error():
-    with pytest.raises(InputError, match="only 3 labeled frames for 4 ranks"):
+    with pytest.raises(InputError, match="only 3 frames to share among 4 ranks"):
         partition([1, 2, 3], [0, 1, 0], 0, 0, 0, 4)
     with pytest.raises(InputError, match="rows but"):
         partition([1, 2, 3], [0, 1], 0, 0, 0, 1)
@@ -100,7 +116,7 @@ def test_steps_per_epoch_matches_partition():
 def test_gradient_averager_single_rank_buckets_and_reuse():
     from mpi4py import MPI
 
-    from lcls_dl.distributed.allreduce import GradientAverager
+    from lcls_dl.distributed.gradient_averager import GradientAverager
 
     rng = np.random.default_rng(0)
     grads = [rng.normal(size=s).astype(np.float32) for s in [(3, 3), (1000,), (0,), (7, 11, 5)]]
@@ -126,7 +142,7 @@ def test_gradient_averager_single_rank_buckets_and_reuse():
 def test_gradient_averager_compression_accuracy_single_rank(compression, rel):
     from mpi4py import MPI
 
-    from lcls_dl.distributed.allreduce import GradientAverager
+    from lcls_dl.distributed.gradient_averager import GradientAverager
 
     g = np.random.default_rng(1).normal(size=5000).astype(np.float32)
     out = GradientAverager(MPI.COMM_SELF, bucket_bytes=4096, compression=compression)([g])[0]
@@ -136,9 +152,11 @@ def test_gradient_averager_compression_accuracy_single_rank(compression, rel):
 
 # ------------------------------------------------------------------ batch scripts
 @pytest.mark.parametrize("scheduler,marker,launch", [
-    ("slurm", "#SBATCH --signal=B:USR1@300", "srun --ntasks=8"),
-    ("pbs", "#PBS -l select=2:ncpus=4:mpiprocs=4", "mpirun -n 8 --map-by ppr:4:node"),
-    ("lsf", "#BSUB -wa USR1 -wt 5", "mpirun -n 8")])
+    ("slurm", "#SBATCH --signal=B:USR1@300", "srun --mpi=pmix --ntasks=8"),
+    ("pbs", "#PBS -l select=2:ncpus=4:mpiprocs=4",
+     'mpirun -n 8 --map-by ppr:4:node --bind-to none --hostfile "$PBS_NODEFILE" --with-ft ulfm'),
+    ("lsf", "#BSUB -wa USR1 -wt 5", 'mpirun -n 8 --map-by ppr:4:node --bind-to none '
+                                    '--hostfile "$LSB_DJOB_HOSTFILE" --with-ft ulfm')])
 def test_batch_script_text_is_valid_bash(scheduler, marker, launch, tmp_path):
     from lcls_dl.cli.batch_script import make_batch_script
 
@@ -163,6 +181,32 @@ def test_batch_script_text_is_valid_bash(scheduler, marker, launch, tmp_path):
         assert out == after
 
 
+def test_batch_script_resubmission_resumes_and_mpirun_forwards_the_environment(tmp_path):
+    from lcls_dl.cli.batch_script import make_batch_script
+
+    text = make_batch_script(["train", "d", "--out", "my model"], "pbs", 2, 2, time="90")
+    assert "#PBS -l walltime=01:30:00" in text                 # 90 = minutes, as in Slurm
+    (launch,) = [ln for ln in text.splitlines() if ln.startswith("mpirun ")]
+    assert "-x PATH -x GLIBC_TUNABLES" in launch and launch.endswith("--out 'my model' $resume &")
+    assert "kill $timer" in text                               # the PBS timer does not outlive it
+    # the lines that pick --resume, run where the model directory has a checkpoint or not
+    start = text.index("resume=\n")
+    pick = text[start:text.index("\n", text.index("compgen", start))] + '\necho "[$resume]"'
+    ck = tmp_path / "my model" / "checkpoints"
+    ck.mkdir(parents=True)
+    runs = []
+    for name in (None, "epoch-0003-step-000007.npz"):
+        if name:
+            (ck / name).write_bytes(b"")
+        runs.append(subprocess.run(["bash", "-c", pick], cwd=tmp_path, capture_output=True,
+                                   text=True).stdout.strip())
+    assert runs == ["[]", "[--resume]"]
+    # already --resume, or no fault tolerance wanted: nothing added
+    other = make_batch_script(["train", "d", "--out", "m", "--resume", "--no-fault-tolerance"],
+                              "lsf", 1, 2)
+    assert "compgen" not in other and "--with-ft" not in other
+
+
 def test_batch_script_cli_and_errors(cli):
     proc = cli("batch-script", "--scheduler", "slurm", "--nodes", "3", "--ranks-per-node", "2",
                "--launcher", "mpirun", "--time", "00:20:00", "--", "train", "d", "--out", "m",
@@ -180,7 +224,7 @@ AVERAGER_SCRIPT = """
     import json, sys
     import numpy as np
     from lcls_dl.distributed.mpi_world import MPIWorld
-    from lcls_dl.distributed.allreduce import GradientAverager
+    from lcls_dl.distributed.gradient_averager import GradientAverager
 
     world = MPIWorld()
     rng = np.random.default_rng(10 + world.rank)
@@ -372,4 +416,51 @@ def test_fewer_frames_than_ranks_fails_clearly(tmp_path, cli):
     script = write_script(tmp_path, "few.py", FEW_FRAMES_SCRIPT)
     proc = cli("run", "--np", "2", str(script), timeout=90)
     assert proc.returncode != 0
-    assert "only 1 labeled frames for 2 ranks" in proc.stderr
+    assert "only 1 frames to share among 2 ranks" in proc.stderr
+
+
+ONE_RANK_FAILS_SCRIPT = """
+    import lcls_dl.distributed as ld
+
+    ld.init(threads=False)
+    if ld.rank() == 1:
+        raise RuntimeError("boom on rank 1")
+    ld.barrier()          # rank 0 waits here for a rank that is gone
+"""
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_one_rank_failing_alone_ends_the_job(tmp_path, cli):
+    script = write_script(tmp_path, "fails.py", ONE_RANK_FAILS_SCRIPT)
+    proc = cli("run", "--np", "2", str(script), timeout=90)   # a hang fails here
+    assert proc.returncode not in (0, None)
+    assert "RuntimeError: boom on rank 1" in proc.stderr
+    assert "a rank failed while the others still ran" in proc.stderr
+
+
+@needs_mpi
+def test_launch_errors_are_one_line_before_any_rank_starts(tmp_path, cli):
+    ds = make_dataset(tmp_path / "ds", n=6, shape=(8, 16), n_q=12, seed=1)
+    script = write_script(tmp_path, "ok.py", "print('never run')\n")
+    out = tmp_path / "m"
+    cases = [
+        (["train", ds, "--out", out, "--np", "4", "--val-fraction", "0.5"],
+         "training frames (of 6 labeled, after the validation/test split) for 4 ranks"),
+        (["train", tmp_path / "nodata", "--out", out, "--np", "2"], "dataset directory not found"),
+        (["train", ds, "--out", out, "--np", "2", "--resume"], "nothing to resume"),
+        (["train", ds, "--out", out, "--np", "2", "--mpiexec-args", '"oops'],
+         "cannot parse --mpiexec-args: no closing quotation"),
+        (["run", "--np", "2", "--mpiexec-args", "--map-by 'x", script],
+         "cannot parse --mpiexec-args"),
+        # mpiexec refuses the option: said once, and no restart of a job that never started
+        (["train", ds, "--out", out, "--np", "2", "--val-fraction", "0.2", "--max-restarts", "2",
+          "--mpiexec-args", "--no-such-mpiexec-option"], "mpiexec could not start the job"),
+    ]
+    for args, expected in cases:
+        proc = cli(*args, timeout=60)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lcls-dl")]
+        assert proc.returncode == 1 and len(errors) == 1, (args, proc.stderr[-2000:])
+        assert errors[0].startswith("lcls-dl: error: ") and expected in errors[0], errors
+        assert "[1," not in proc.stdout + proc.stderr          # no rank ran
+        assert not out.exists()                                # nothing left behind

@@ -217,9 +217,9 @@ def test_bad_resumes_one_line_exit_1(data, tmp_path, capsys, monkeypatch):
     # a checkpoint written by an incompatible version
     path = latest_checkpoint(str(out))
     mvars, ovars, state = load_checkpoint(path)
-    import lcls_dl.models.training as training
+    import lcls_dl.checkpoints as checkpoints
 
-    monkeypatch.setattr(training, "CHECKPOINT_VERSION", 99)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_VERSION", 99)
     save_checkpoint(path, mvars, ovars, state)
     monkeypatch.undo()
     code, lines = _cli_inproc(["-q", *args], capsys)

@@ -65,6 +65,8 @@ def test_np2_ranks_bitwise_identical_and_as_accurate_as_np1(np1, np2):
     frames = [m["training"]["images_per_second"] * m["training"]["train_seconds"]
               for m in (np1[1], meta)]
     assert frames[1] == pytest.approx(frames[0], rel=0.1)
+    # the MPI library is recorded where MPI ran
+    assert "MPI" in meta["software"]["mpi_library"] and "mpi_library" not in np1[1]["software"]
     # only rank 0 reports
     written = [ln for ln in proc.stdout.splitlines() if "model written to" in ln]
     assert len(written) == 1 and written[0].startswith("[1,0]")
@@ -122,6 +124,36 @@ def test_sigterm_to_launcher_checkpoints_and_resume_is_bitwise(data, np2, tmp_pa
     meta = model_json(out)
     assert meta["training"]["resumed"] and meta["training"]["epochs_run"] == 5
     assert digests(dbg) == np2[2]                  # same weights as never interrupted
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)],
+                         ids=["ctrl-c", "timeout"])
+def test_signal_to_the_process_group_checkpoints(data, tmp_path, sig, code):
+    """Ctrl-C in a terminal, ``timeout`` and schedulers signal the whole process group:
+    mpiexec must not get it (it would kill the ranks), the launcher relays a stop."""
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "lcls_dl", *train_args(data, out, extra=["--np", "2"])]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,   # a group of its own
+                            env=env_with(LCLS_DL_TEST_STEP_SLEEP="0.25"))
+    try:
+        t0 = time.time()
+        while not (out / "checkpoints" / "epoch-0001.npz").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() - t0 < 90, "no epoch finished"
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == code, (stdout + stderr)[-3000:]
+    assert [ln for ln in stdout.splitlines() if "resume with: " in ln]
+    assert [n for n in os.listdir(out / "checkpoints") if "-step-" in n]
+    assert ("Ctrl-C" in stderr) == (sig == signal.SIGINT)
 
 
 @pytest.mark.timeout(180)

@@ -19,7 +19,7 @@ import pytest
 
 from lcls_dl.distributed import signals as sig
 from lcls_dl.distributed import ulfm
-from lcls_dl.distributed.world import LocalWorld
+from lcls_dl.distributed.local_world import LocalWorld
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 N_ITEMS = 100

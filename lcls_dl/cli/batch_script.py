@@ -17,17 +17,30 @@ LAUNCHERS = ("auto", "srun", "mpirun", "jsrun")
 
 
 def parse_time(text):
-    """Seconds in a ``[[HH:]MM:]SS`` (or ``D-HH:MM:SS``) time limit.
+    """Seconds in a time limit written as Slurm reads ``--time``.
+
+    ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM`` or ``D-HH:MM:SS``: a bare
+    number is minutes.
 
     Examples
     --------
-    >>> parse_time("02:00:00"), parse_time("1-00:30:00"), parse_time("90")
-    (7200, 88200, 90)
+    >>> parse_time("02:00:00"), parse_time("1-00:30:00"), parse_time("90"), parse_time("30:00")
+    (7200, 88200, 5400, 1800)
+    >>> parse_time("2-12"), parse_time("1-06:30")
+    (216000, 109800)
     """
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(?:(\d+):)?(\d+):)?(\d+)", str(text).strip())
-    if not m:
-        raise InputError(f"time limit {text!r} is not HH:MM:SS", "--time")
-    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    t = str(text).strip()
+    m = re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?(?::(\d+))?", t)
+    if m:
+        d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    else:
+        parts = t.split(":")
+        if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+            raise InputError(f"time limit {text!r} is not minutes, MM:SS, HH:MM:SS or "
+                             f"D-HH:MM:SS", "--time")
+        v = [int(p) for p in parts]
+        d, h = 0, (v[0] if len(v) == 3 else 0)
+        mi, s = (v[0], 0) if len(v) == 1 else (v[-2], v[-1])
     return ((d * 24 + h) * 60 + mi) * 60 + s
 
 
@@ -47,7 +60,7 @@ def make_batch_script(command, scheduler, nodes, ranks_per_node, time="01:00:00"
     scheduler : {"slurm", "pbs", "lsf"}
     nodes, ranks_per_node : int
     time : str
-        Wall-clock limit ``HH:MM:SS``.
+        Wall-clock limit (:func:`parse_time`: minutes, ``HH:MM:SS``, ``D-HH:MM:SS``).
     cpus_per_rank : int, optional
         Cores per rank (threads are set to this share by lcls-dl itself).
     venv : str, optional
@@ -141,34 +154,64 @@ def make_batch_script(command, scheduler, nodes, ranks_per_node, time="01:00:00"
         lines.append("# each rank gives TensorFlow its share of its node's cores "
                      "(LCLS_DL_THREADS overrides)")
     lines.append("")
+    training = bool(command) and command[0] == "train"
     if launcher == "srun":
         bind = f" --cpus-per-task={int(cpus_per_rank)}" if cpus_per_rank else ""
-        launch = f"srun --ntasks={n} --ntasks-per-node={rpn}{bind} --kill-on-bad-exit=1"
+        lines.append("# --mpi=pmix: how Open MPI 5 ranks find each other under srun (use "
+                     "your site's plugin if it differs)")
+        launch = f"srun --mpi=pmix --ntasks={n} --ntasks-per-node={rpn}{bind} --kill-on-bad-exit=1"
     elif launcher == "jsrun":
         launch = f"jsrun -n {n} -r {rpn} -a 1 -c {int(cpus_per_rank or 1)}"
     else:
-        hostfile = {"pbs": " --hostfile \"$PBS_NODEFILE\"", "lsf": "", "slurm": ""}[scheduler]
-        launch = (f"mpirun -n {n} --map-by ppr:{rpn}:node --bind-to none{hostfile}"
-                  "   # Open MPI; MPICH/Intel: mpiexec -n N -ppn R")
-        if scheduler == "slurm":
-            lines.append("# mpirun inside the allocation (needed by Open MPI ULFM; srun is not)")
-    if launch.count("#"):
-        launch, comment = launch.split("#", 1)
-        lines.append("#" + comment)
-    lines += [f"{launch.rstrip()} {cmd} &", "pid=$!"]
+        lines.append("# Open MPI's mpirun (MPICH/Intel: mpiexec -n N -ppn R); -x passes this "
+                     "environment to the ranks on every node")
+        hostfile = {"pbs": ' --hostfile "$PBS_NODEFILE"', "lsf": ' --hostfile "$LSB_DJOB_HOSTFILE"',
+                    "slurm": ""}[scheduler]
+        forward = " ".join(f"-x {v}" for v in ("PATH", "GLIBC_TUNABLES", "TF_CPP_MIN_LOG_LEVEL")
+                           + (("LCLS_DL_THREADS",) if cpus_per_rank else ()))
+        forward += " ${LD_LIBRARY_PATH:+-x LD_LIBRARY_PATH} ${VIRTUAL_ENV:+-x VIRTUAL_ENV}"
+        ft = ""
+        if training and "--no-fault-tolerance" not in command:
+            from ..distributed.ulfm import mpiexec_ft_args
+
+            lines.append("# --with-ft ulfm: Open MPI 5 fault tolerance, training survives lost "
+                         "ranks (remove for another MPI)")
+            ft = " " + " ".join(mpiexec_ft_args())
+        launch = f"mpirun -n {n} --map-by ppr:{rpn}:node --bind-to none{hostfile}{ft} {forward}"
+    resume = ""
+    out = _option_value(command, "--out")
+    if training and out and "--resume" not in command and "--overwrite" not in command:
+        ckpts = shlex.quote(os.path.join(out, "checkpoints", "epoch-*.npz"))
+        lines += ["# resubmitted after a stop, the job continues from its last checkpoint",
+                  "resume=", f"if compgen -G {ckpts} > /dev/null; then resume=--resume; fi"]
+        resume = " $resume"
+    lines += [f"{launch} {cmd}{resume} &", "pid=$!"]
     if signal_seconds:
         if scheduler == "pbs":
             lines.append(f"# PBS has no warning signal: a timer sends USR1 {signal_seconds} s "
                          "before the walltime")
-            lines.append(f"( sleep {seconds - signal_seconds}; kill -USR1 $pid 2>/dev/null ) &")
+            lines += [f"( sleep {seconds - signal_seconds}; kill -USR1 $pid 2>/dev/null ) &",
+                      "timer=$!"]
         lines += [f"# SIGUSR1 {signal_seconds} s before the time limit is forwarded to the "
                   "ranks (lcls-dl train checkpoints and stops on it); resubmit to resume",
                   "trap 'kill -USR1 $pid 2>/dev/null' USR1 TERM"]
     lines += ["wait $pid", "rc=$?",
               "while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done   "
-              "# wait again after a trapped signal",
-              "exit $rc", ""]
+              "# wait again after a trapped signal"]
+    if signal_seconds and scheduler == "pbs":
+        lines.append("kill $timer 2>/dev/null")
+    lines += ["exit $rc", ""]
     return "\n".join(lines)
+
+
+def _option_value(args, name):
+    """The value of option ``name`` in an argument list (``--out m`` or ``--out=m``)."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -181,7 +224,7 @@ def make_batch_script(command, scheduler, nodes, ranks_per_node, time="01:00:00"
 @click.option("--cpus-per-rank", type=click.IntRange(min=1), default=None,
               help="Cores per rank (default: the scheduler's).")
 @click.option("--time", "time_", default="01:00:00", show_default=True,
-              help="Wall-clock limit HH:MM:SS.")
+              help="Wall-clock limit as Slurm reads it: minutes, HH:MM:SS or D-HH:MM:SS.")
 @click.option("--venv", type=click.Path(file_okay=False),
               help="Virtual environment to activate in the job.")
 @click.option("--modules", default="", metavar='"M1 M2"',

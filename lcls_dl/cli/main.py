@@ -105,7 +105,10 @@ def _error(message, code):
 
 def main(argv=None):
     """Run the CLI; return (and exit with) its code."""
+    from ..distributed.launcher import end_job_on_failure, mark_started
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    mark_started()  # a rank started by lcls-dl's launcher says so
     try:
         rv = cli.main(args=argv, prog_name="lcls-dl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -115,8 +118,8 @@ def main(argv=None):
     except click.UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx is not None else "lcls-dl"
         code = _error(f"{exc.format_message()} (see '{cmd} --help')", 2)
-    except click.exceptions.Abort:
-        code = _error("aborted", 1)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt
+        code = _error("interrupted", 130)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except KeyboardInterrupt:
@@ -133,6 +136,7 @@ def main(argv=None):
             import traceback
             traceback.print_exc()
         code = _error(f"{type(exc).__name__}: {exc} (run with -v for a traceback)", 1)
+    end_job_on_failure(code)  # a rank that fails alone must not leave the others waiting
     sys.exit(code)
 
 

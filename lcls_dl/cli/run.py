@@ -1,7 +1,6 @@
 """``lcls-dl run``: start a user's Python script on N MPI ranks."""
 import os
 import runpy
-import shlex
 import sys
 
 import click
@@ -42,7 +41,7 @@ def run(np_, hostfile, mpiexec_args, script, script_args):
         argv += ["--hostfile", os.path.abspath(hostfile)]
     argv += [os.path.abspath(script), *script_args]
     code = maybe_launch(verbosity_argv() + argv, np_, hostfile=hostfile,
-                        mpiexec_args=tuple(shlex.split(mpiexec_args or "")))
+                        mpiexec_args=mpiexec_args or "")
     if code is not None:
         return code
     return run_script(script, script_args)
@@ -52,7 +51,8 @@ def run_script(script, script_args=()):
     """Run ``script`` as ``__main__`` in this process with ``sys.argv = [script, *args]``.
 
     Returns the script's exit code; its exceptions print a normal Python traceback
-    (exit 1) so a user debugs their own code as usual.
+    (exit 1) so a user debugs their own code as usual. In an MPI job, ``lcls-dl``
+    then aborts the job (a rank that failed alone would leave the others waiting).
     """
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [script, *script_args]

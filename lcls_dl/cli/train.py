@@ -72,13 +72,29 @@ def restart_argv(argv, out_dir):
     return argv + (["--resume"] if latest_checkpoint(out_dir) else ["--overwrite"])
 
 
+def check_before_launch(dataset_dir, out_dir, np_, resume, overwrite, seed, val_fraction,
+                        test_fraction):
+    """What every rank would check first, done once before ``mpiexec`` starts any rank:
+    a bad dataset or model directory gives one line, not one per rank after each has
+    started TensorFlow (nothing here imports it)."""
+    from ..checkpoints import prepare_out_dir
+    from ..dataset import Dataset, labeled_splits
+
+    dataset = Dataset(dataset_dir)
+    try:
+        labeled_splits(dataset, seed, val_fraction, test_fraction, ranks=np_)
+    finally:
+        dataset.close()
+    prepare_out_dir(out_dir, resume=resume, overwrite=overwrite, create=False)
+
+
 def _join_world(fault_tolerance):
     """The World of this process: fault tolerant (ULFM) when the launcher asked for it."""
     from ..distributed import ulfm
     from ..distributed.launcher import in_mpi_job
 
     if not in_mpi_job():
-        from ..distributed.world import LocalWorld
+        from ..distributed.local_world import LocalWorld
 
         return LocalWorld()
     ulfm.prepare_mpi4py()  # before mpi4py.MPI is first imported
@@ -126,24 +142,28 @@ def train(ctx, dataset_dir, out_dir, resume, overwrite, np_, hostfile, mpiexec_a
       lcls-dl train data1 --out model1 --np 4 --max-restarts 3  # restart if the job dies
 
     SIGTERM or SIGUSR1 (a scheduler's time limit) stops all ranks after the same step,
-    writes a checkpoint and prints the command that resumes.
+    writes a checkpoint, prints the command that resumes and exits 0. Ctrl-C does the
+    same and exits 130; a second Ctrl-C ends the run at once.
     """
     import shlex
+    import signal
     import sys
 
-    from ..distributed.launcher import maybe_launch
-    from ..distributed.signals import StopRequest, resume_command
+    from ..distributed.launcher import in_mpi_job, maybe_launch, split_mpiexec_args
+    from ..distributed.signals import STOP_SIGNALS, StopRequest, resume_command
     from ..errors import LclsError
 
     if resume and overwrite:
         raise LclsError("--resume and --overwrite exclude each other")
-    code = maybe_launch(sys.argv[1:], np_, hostfile=hostfile,
-                        mpiexec_args=tuple(shlex.split(mpiexec_args or "")),
-                        fault_tolerance=fault_tolerance, max_restarts=max_restarts,
-                        restart_argv=lambda argv: restart_argv(argv, out_dir))
-    if code is not None:          # this process only launched the MPI job
-        return code
-    stop = StopRequest()          # installed before MPI/TensorFlow start
+    if np_ > 1 and not in_mpi_job():
+        launch_args = split_mpiexec_args(mpiexec_args)
+        check_before_launch(dataset_dir, out_dir, np_, resume, overwrite, opts["seed"],
+                            opts["val_fraction"], opts["test_fraction"])
+        return maybe_launch(sys.argv[1:], np_, hostfile=hostfile, mpiexec_args=launch_args,
+                            fault_tolerance=fault_tolerance, max_restarts=max_restarts,
+                            restart_argv=lambda argv: restart_argv(argv, out_dir))
+    # installed before MPI/TensorFlow start; Ctrl-C reaches a rank only without our launcher
+    stop = StopRequest(STOP_SIGNALS + (signal.SIGINT,))
     world = _join_world(fault_tolerance)
     if world.size > 1:
         from ..distributed.partition import partition
@@ -155,7 +175,7 @@ def train(ctx, dataset_dir, out_dir, resume, overwrite, np_, hostfile, mpiexec_a
 
     opts["quiet"] = (ctx.obj or {}).get("quiet", False)
     config = config_from_options(**opts)
-    command = "lcls-dl " + " ".join(sys.argv[1:]) if sys.argv else None
+    command = shlex.join(["lcls-dl", *sys.argv[1:]])
     try:
         meta = run_training(dataset_dir, out_dir, config, world=world, partition=partition,
                             resume=resume, overwrite=overwrite, command=command, stop=stop,
@@ -169,7 +189,7 @@ def train(ctx, dataset_dir, out_dir, resume, overwrite, np_, hostfile, mpiexec_a
              f"steps; checkpoint {meta['checkpoint']}")
         argv = [a for a in sys.argv if a != "--overwrite"]
         click.echo("resume with: " + resume_command(argv))
-        return 0
+        return 130 if stop.interrupted else 0
     tr = meta["training"]
     echo(f"trained {meta['model_kind']} ({tr['params']} parameters) for {tr['epochs_run']} "
          f"epochs in {tr['train_seconds']:.1f} s; best epoch {tr['best_epoch']}"

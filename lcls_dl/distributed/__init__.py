@@ -24,8 +24,8 @@ def __getattr__(name):
 
     if name in _KERAS_API:
         return getattr(importlib.import_module(".keras_api", __name__), name)
-    where = {"LocalWorld": ".world", "MPIWorld": ".mpi_world",
-             "get_world": ".mpi_world", "GradientAverager": ".allreduce", "in_mpi_job": ".launcher"}
+    where = {"LocalWorld": ".local_world", "MPIWorld": ".mpi_world",
+             "get_world": ".mpi_world", "GradientAverager": ".gradient_averager", "in_mpi_job": ".launcher"}
     if name in where:
         return getattr(importlib.import_module(where[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Zero-copy gradient averaging for a compiled training step.
 
-The numpy path (:class:`~lcls_dl.distributed.allreduce.GradientAverager` on a list of
+The numpy path (:class:`~lcls_dl.distributed.gradient_averager.GradientAverager` on a list of
 arrays) costs three copies of every gradient per step: TF tensor to numpy, numpy into
 the fused buckets, buckets back into TF tensors. On one node, where an ``Allreduce``
 runs at memory speed, each copy costs about as much as the reduction itself. This

@@ -20,7 +20,7 @@ directly). Without MPI the same script runs as one process.
 
 How it works: :func:`DistributedOptimizer` replaces the optimizer's ``apply`` so the
 gradients are averaged over ranks (one ``tf.numpy_function`` per step calling
-:class:`~lcls_dl.distributed.allreduce.GradientAverager`: fused float32 buckets,
+:class:`~lcls_dl.distributed.gradient_averager.GradientAverager`: fused float32 buckets,
 in-place ``Allreduce``) before the update; every rank then applies the same update to
 the same weights, which :class:`BroadcastCallback` made equal at the start. XLA
 cannot call MPI, so :class:`BroadcastCallback` turns ``jit_compile`` off for the
@@ -47,7 +47,7 @@ def init(threads=True, bucket_bytes=None, compression=None, overlap=False, comm=
         (:func:`~lcls_dl.distributed.threads.configure_threads`). Call ``init()``
         before building a model for this to take effect.
     bucket_bytes, compression, overlap
-        Gradient averaging settings (see :class:`~lcls_dl.distributed.allreduce.GradientAverager`).
+        Gradient averaging settings (see :class:`~lcls_dl.distributed.gradient_averager.GradientAverager`).
     comm : mpi4py.MPI.Comm, optional
         Communicator to use instead of ``COMM_WORLD``.
 
@@ -57,15 +57,19 @@ def init(threads=True, bucket_bytes=None, compression=None, overlap=False, comm=
         ``LocalWorld`` when not started by an MPI launcher.
     """
     global _WORLD
-    from .allreduce import DEFAULT_BUCKET_BYTES
+    from .gradient_averager import DEFAULT_BUCKET_BYTES
     from .launcher import in_mpi_job
-    from .world import LocalWorld
+    from .local_world import LocalWorld
 
     if comm is not None or in_mpi_job():
         from .mpi_world import MPIWorld
 
         _WORLD = MPIWorld(comm, bucket_bytes=bucket_bytes or DEFAULT_BUCKET_BYTES,
                           compression=compression, overlap=overlap)
+        if comm is None:
+            from .launcher import check_world_size
+
+            check_world_size(_WORLD.size)
     else:
         _WORLD = LocalWorld()
     if threads:

@@ -32,11 +32,13 @@ False
 ['mpiexec', '-n', '2', '--output', 'tag', '--bind-to']
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
-from ..errors import LclsError
+from ..errors import InputError, LclsError
 
 #: variables a launcher sets in each rank's environment (not in the launching shell)
 RANK_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMI_SIZE",
@@ -54,6 +56,41 @@ def in_mpi_job(environ=None):
         return True
     return "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and \
         int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1
+
+
+def launched_ranks(environ=None):
+    """How many ranks the launcher that started this process says the job has (1 if
+    it does not say).
+
+    >>> launched_ranks({"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "8"})
+    8
+    """
+    env = os.environ if environ is None else environ
+    names = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"]
+    if "SLURM_STEP_ID" in env:
+        names += ["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"]
+    for name in names:
+        value = str(env.get(name, "")).strip()
+        if value.isdigit():
+            return max(1, int(value))
+    return 1
+
+
+def check_world_size(size, environ=None):
+    """Raise when MPI sees a world of one rank but the launcher started several: each
+    task would train alone, all writing the same output (srun without a PMI plugin
+    this MPI understands).
+
+    >>> check_world_size(1, {"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
+    Traceback (most recent call last):
+    ...
+    lcls_dl.errors.LclsError: 4 tasks were started but MPI sees a world of 1 rank: each would run alone. Under srun, pass the PMI plugin of this MPI (srun --mpi=pmix for Open MPI 5; srun --mpi=list shows them) (launch)
+    """
+    expected = launched_ranks(environ)
+    if int(size) == 1 and expected > 1:
+        raise LclsError(f"{expected} tasks were started but MPI sees a world of 1 rank: each "
+                        "would run alone. Under srun, pass the PMI plugin of this MPI (srun "
+                        "--mpi=pmix for Open MPI 5; srun --mpi=list shows them)", "launch")
 
 
 def find_mpiexec():
@@ -197,6 +234,69 @@ def rank_environment(environ=None, hostfile=None, mpiexec_args=()):
 #: exit codes after which a restart cannot help (usage or input errors, user interrupt)
 NO_RESTART_CODES = (0, 1, 2, 130)
 
+#: a rank creates the file this variable names when it starts (see :func:`mark_started`)
+STARTED_ENV = "LCLS_DL_RANK_STARTED"
+
+
+def split_mpiexec_args(text):
+    """The words of an ``--mpiexec-args`` string (shell quoting rules).
+
+    >>> split_mpiexec_args('--mca btl "tcp,self"')
+    ['--mca', 'btl', 'tcp,self']
+    """
+    try:
+        return shlex.split(text or "")
+    except ValueError as exc:  # "No closing quotation"
+        raise InputError(f"cannot parse --mpiexec-args: {str(exc).lower()}", text) from None
+
+
+def mark_started(environ=None):
+    """In a rank: create the file :data:`STARTED_ENV` names, telling the launcher that
+    ``mpiexec`` did start ranks (so a failed job is worth a restart)."""
+    path = (os.environ if environ is None else environ).get(STARTED_ENV)
+    if path:
+        try:
+            open(path, "a").close()
+        except OSError:  # another node's file system, a removed temporary directory
+            pass
+
+
+#: seconds a failed rank waits for the others at exit before it ends the job
+FAILURE_GRACE_S = 10
+
+
+def end_job_on_failure(code, grace=FAILURE_GRACE_S):
+    """In a rank about to exit with a non-zero ``code``: make sure the MPI job ends too.
+
+    ``MPI_Finalize`` at exit waits for every rank. When all ranks fail together (a bad
+    input every rank sees) it returns at once and each prints its own error. When this
+    rank fails alone, the others wait in a collective it never enters and the job would
+    hang: after ``grace`` seconds an alarm (SIGALRM, default action) ends this process,
+    and ``mpiexec`` then ends the job. Does nothing for ``code == 0`` or outside an MPI
+    job of several ranks.
+    """
+    import signal
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if not code or mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    if mpi.COMM_WORLD.Get_size() > 1 and hasattr(signal, "alarm"):
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(max(1, int(grace)))
+
+
+def _end_with_parent():
+    """``preexec_fn`` of mpiexec: it runs in a session of its own (terminal signals reach
+    only the launcher, which relays them), so have Linux send it SIGTERM if the launcher
+    dies without a chance to stop it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux
+        pass
+
 
 def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False,
                  max_restarts=0, restart_argv=None):
@@ -210,8 +310,9 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
         Number of ranks.
     hostfile : str, optional
         Passed as ``--hostfile`` (several nodes).
-    mpiexec_args : sequence of str
-        Extra mpiexec arguments (e.g. ``("--mca", "btl", "tcp,self")``).
+    mpiexec_args : str or sequence of str
+        Extra mpiexec arguments (e.g. ``("--mca", "btl", "tcp,self")``, or that as one
+        shell-quoted string).
     fault_tolerance : bool
         Start the job with ULFM (:func:`lcls_dl.distributed.ulfm.mpiexec_ft_args`, and
         ``LCLS_DL_FAULT_TOLERANCE=ulfm`` exported to the ranks) when this ``mpiexec``
@@ -232,16 +333,23 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
     Raises
     ------
     LclsError
-        ``np > 1`` but no mpiexec is installed.
+        ``np > 1`` but no mpiexec is installed; unparsable ``mpiexec_args``.
 
     Notes
     -----
-    ``mpiexec`` runs inside :class:`lcls_dl.distributed.signals.relay_stop_signals`: a
-    ``SIGTERM`` (or ``SIGUSR1``) to this process reaches every rank as ``SIGUSR1``, so
-    the training loop can checkpoint and exit 0.
+    ``mpiexec`` runs in a session of its own, with no input, inside
+    :class:`lcls_dl.distributed.signals.relay_stop_signals`: a ``SIGTERM``, ``SIGUSR1``
+    or Ctrl-C to this process, or to its process group (``timeout``, a terminal), reaches
+    every rank as ``SIGUSR1``, so the training loop can checkpoint. A stop asked by
+    Ctrl-C returns 130, a second Ctrl-C ends the job at once (130 too).
+
+    On one host, a job that failed before any rank started (a bad mpiexec option, too
+    few slots: ``mpiexec`` printed why) is reported as such and not restarted.
     """
     if np is None or int(np) <= 1 or in_mpi_job():
         return None
+    if isinstance(mpiexec_args, str):
+        mpiexec_args = split_mpiexec_args(mpiexec_args)
     from . import ulfm
     from .signals import relay_stop_signals
 
@@ -259,28 +367,54 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
     extra = list(mpiexec_args)
     if ft:
         extra = ulfm.mpiexec_ft_args() + ["-x", ulfm.FT_ENV] + extra
+    # only a rank on this host can tell this process that it started
+    local = single_host(hostfile, mpiexec_args)
     attempt = 0
-    while True:
-        cmd = mpiexec_command(argv, int(np), hostfile, extra, mpiexec, flavor=flavor)
-        try:
-            proc = subprocess.Popen(cmd, env=env)
-        except OSError as exc:
-            raise LclsError(f"cannot start mpiexec: {exc.strerror}", mpiexec) from None
-        try:
-            with relay_stop_signals(proc) as relay:
-                code = proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            return 130
-        if (code in NO_RESTART_CODES or relay.relayed is not None
-                or attempt >= int(max_restarts)):
-            return code
-        attempt += 1
-        if restart_argv is not None:
-            argv = list(restart_argv(list(argv)))
-        print(f"lcls-dl: MPI job exited with code {code}; restart {attempt} of "
-              f"{int(max_restarts)}: lcls-dl {' '.join(argv)}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="lcls-dl-launch-") as tmp:
+        started = os.path.join(tmp, "started")
+        env[STARTED_ENV] = started
+        while True:
+            cmd = mpiexec_command(argv, int(np), hostfile, extra, mpiexec, flavor=flavor)
+            try:
+                proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, preexec_fn=_end_with_parent)
+            except OSError as exc:
+                raise LclsError(f"cannot start mpiexec: {exc.strerror}", mpiexec) from None
+            try:
+                with relay_stop_signals(proc) as relay:
+                    code = proc.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: end the job now
+                _end(proc)
+                return 130
+            if relay.interrupted:
+                return 130
+            if code == 128 + 14:  # SIGALRM: end_job_on_failure in a rank that failed alone
+                print("lcls-dl: a rank failed while the others still ran (its error is "
+                      "above); the job was ended", file=sys.stderr, flush=True)
+            if code != 0 and local and not os.path.exists(started):
+                launch = cmd[:cmd.index(sys.executable)] if sys.executable in cmd else cmd[:1]
+                raise LclsError(f"mpiexec could not start the job (exit code {code}; its "
+                                "message is above)", shlex.join(launch))
+            if (code in NO_RESTART_CODES or relay.relayed is not None
+                    or attempt >= int(max_restarts)):
+                return code
+            attempt += 1
+            if restart_argv is not None:
+                argv = list(restart_argv(list(argv)))
+            print(f"lcls-dl: MPI job exited with code {code}; restart {attempt} of "
+                  f"{int(max_restarts)}: {shlex.join(['lcls-dl', *map(str, argv)])}",
+                  file=sys.stderr, flush=True)
+
+
+def _end(proc, grace=10.0):
+    """Terminate mpiexec (it kills its ranks) and wait; kill it if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def comm_world():
@@ -294,4 +428,5 @@ def comm_world():
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    check_world_size(comm.Get_size())
     return comm if comm.Get_size() > 1 else None

@@ -1,4 +1,4 @@
-"""``MPIWorld``: the :class:`~lcls_dl.distributed.world.LocalWorld` interface over mpi4py.
+"""``MPIWorld``: the :class:`~lcls_dl.distributed.local_world.LocalWorld` interface over mpi4py.
 
 Arrays move with mpi4py's buffer-protocol collectives (``Allreduce`` with
 ``MPI.IN_PLACE``, ``Bcast``: no pickling, no copies beyond what MPI does); only small
@@ -8,7 +8,7 @@ metadata (configurations, lists of names, stop flags) goes through the pickle-ba
 import numpy as np
 
 from ..errors import InputError
-from .allreduce import DEFAULT_BUCKET_BYTES, GradientAverager
+from .gradient_averager import DEFAULT_BUCKET_BYTES, GradientAverager
 
 
 class MPIWorld:
@@ -19,7 +19,7 @@ class MPIWorld:
     comm : mpi4py.MPI.Comm, optional
         ``MPI.COMM_WORLD`` by default.
     bucket_bytes, compression, overlap
-        Passed to the :class:`~lcls_dl.distributed.allreduce.GradientAverager` that
+        Passed to the :class:`~lcls_dl.distributed.gradient_averager.GradientAverager` that
         :meth:`allreduce_mean` uses.
 
     Examples
@@ -52,7 +52,7 @@ class MPIWorld:
         """Average a list of float arrays over ranks; return the list of averages.
 
         The result arrays are views into the averager's reused buffer (see
-        :class:`~lcls_dl.distributed.allreduce.GradientAverager`): consume them
+        :class:`~lcls_dl.distributed.gradient_averager.GradientAverager`): consume them
         before the next call.
         """
         if self.size == 1:
@@ -61,7 +61,7 @@ class MPIWorld:
 
     def allreduce_sum_inplace(self, buffers):
         """Sum contiguous writable float arrays over ranks, in their own memory
-        (:meth:`~lcls_dl.distributed.allreduce.GradientAverager.sum_in_place`)."""
+        (:meth:`~lcls_dl.distributed.gradient_averager.GradientAverager.sum_in_place`)."""
         if self.size > 1:
             self.averager.sum_in_place(buffers)
 
@@ -129,11 +129,12 @@ def get_world(**kwargs):
     Does not import mpi4py (nor initialize MPI) unless the environment says this
     process was started by an MPI launcher.
     """
-    from .launcher import in_mpi_job
-    from .world import LocalWorld
+    from .launcher import check_world_size, in_mpi_job
+    from .local_world import LocalWorld
 
     if in_mpi_job():
         world = MPIWorld(**kwargs)
+        check_world_size(world.size)
         if world.size > 1:
             return world
     return LocalWorld()

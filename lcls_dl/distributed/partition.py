@@ -67,8 +67,8 @@ def partition(rows, labels, epoch, seed, rank, size, pad=True):
     if labels.shape != rows.shape:
         raise InputError(f"{len(rows)} rows but {len(labels)} labels", "partition")
     if len(rows) < size:
-        raise InputError(f"only {len(rows)} labeled frames for {size} ranks; every rank "
-                         "needs at least one frame (label more frames or use fewer ranks)",
+        raise InputError(f"only {len(rows)} frames to share among {size} ranks; every rank "
+                         "needs at least one (label more frames or use fewer ranks)",
                          "partition")
     order = np.lexsort((rows, labels))  # canonical order: by class, then row
     rows, labels = rows[order], labels[order]

@@ -14,6 +14,7 @@ OpenMPI's ``mpiexec`` forwards ``SIGUSR1`` (and ``SIGUSR2``) to every rank, but 
 the process that runs ``mpiexec`` relays ``SIGTERM`` to it as ``SIGUSR1``
 (:func:`relay_stop_signals`).
 """
+import os
 import shlex
 import signal
 import sys
@@ -27,7 +28,10 @@ class StopRequest:
     Parameters
     ----------
     signals : tuple of signal.Signals
-        Signals that request a stop (``SIGTERM`` and ``SIGUSR1`` by default).
+        Signals that request a stop (``SIGTERM`` and ``SIGUSR1`` by default). Add
+        ``SIGINT`` to make Ctrl-C stop at the next step boundary too; a second Ctrl-C
+        before that boundary raises ``KeyboardInterrupt`` (after it, the checkpoint is
+        being written and Ctrl-C is ignored).
     install : bool
         Install the handlers now (only possible in the main thread).
 
@@ -35,13 +39,15 @@ class StopRequest:
     ----------
     requested : bool
         True once one of the signals arrived in this process.
+    interrupted : bool
+        True once a ``SIGINT`` (Ctrl-C) arrived.
     signum : int or None
         The first signal received.
 
     Examples
     --------
     >>> import os, signal
-    >>> from lcls_dl.distributed.world import LocalWorld
+    >>> from lcls_dl.distributed.local_world import LocalWorld
     >>> stop = StopRequest()
     >>> stop.should_stop(LocalWorld())
     False
@@ -54,6 +60,8 @@ class StopRequest:
     def __init__(self, signals=STOP_SIGNALS, install=True):
         self.signals = tuple(signals)
         self.requested = False
+        self.interrupted = False
+        self.stopping = False  # the loop has seen the request: it is checkpointing
         self.signum = None
         self._previous = {}
         if install:
@@ -61,8 +69,11 @@ class StopRequest:
 
     def _handler(self, signum, frame):
         # Only set the flag: no I/O, no MPI, no locks in a signal handler.
+        if signum == signal.SIGINT and self.interrupted and not self.stopping:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if self.signum is None:
             self.signum = signum
+        self.interrupted = self.interrupted or signum == signal.SIGINT
         self.requested = True
 
     def install(self):
@@ -96,7 +107,9 @@ class StopRequest:
         point of every step. Under :class:`~lcls_dl.distributed.ulfm.FaultTolerantWorld`
         it may raise :class:`~lcls_dl.distributed.ulfm.WorldShrunk` like any collective.
         """
-        return int(world.allreduce_sum(int(bool(self.requested)))) > 0
+        stop = int(world.allreduce_sum(int(bool(self.requested)))) > 0
+        self.stopping = self.stopping or stop
+        return stop
 
     @property
     def signal_name(self):
@@ -145,6 +158,10 @@ class relay_stop_signals:
     a ``SIGTERM`` delivered to ``mpiexec`` itself would kill the ranks before they can
     checkpoint. Use as a context manager around ``Popen(...).wait()``.
 
+    ``SIGINT`` (Ctrl-C in the terminal; ``mpiexec`` runs in a session of its own, so
+    only this process gets it) is relayed the same way, once: a second one raises
+    ``KeyboardInterrupt`` in this process, whose caller then ends the job at once.
+
     Parameters
     ----------
     proc : subprocess.Popen
@@ -153,7 +170,9 @@ class relay_stop_signals:
     Attributes
     ----------
     relayed : int or None
-        The signal that was relayed (the job was asked to stop), else None.
+        The first signal that was relayed (the job was asked to stop), else None.
+    interrupted : bool
+        A ``SIGINT`` was relayed.
 
     Examples
     --------
@@ -165,13 +184,21 @@ class relay_stop_signals:
     True
     """
 
-    def __init__(self, proc, signals=STOP_SIGNALS):
+    def __init__(self, proc, signals=STOP_SIGNALS + (signal.SIGINT,)):
         self.proc = proc
         self.signals = tuple(signals)
         self.relayed = None
+        self.interrupted = False
         self._previous = {}
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            # os.write: a print here could re-enter a write the main thread is in
+            os.write(2, b"lcls-dl: Ctrl-C: every rank stops after its current step and the "
+                        b"job checkpoints (Ctrl-C again to end it at once)\n")
         if self.relayed is None:
             self.relayed = signum
         if self.proc.poll() is None:

@@ -94,6 +94,7 @@ def configure_threads(comm=None, intra=None, inter=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(intra))
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(intra))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(inter))
+    from .. import models  # noqa: F401  (imports TensorFlow without its start-up chatter)
     import tensorflow as tf
 
     try:

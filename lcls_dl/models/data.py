@@ -50,56 +50,16 @@ added to channel 0 only. A 2-D image ``(N, H, W)`` is one mean channel.
 Without the photon scalars (e.g. a dataset ingested with other scalar features) intensity
 scaling and noise are skipped and only roll/flip apply; this is logged once.
 """
-import hashlib
 import logging
 import math
 
 import numpy as np
 
-from ..errors import InputError
+from ..dataset import split_fraction, split_rows  # noqa: F401 (their home before)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-def split_fraction(sample_id, seed):
-    """Uniform number in [0, 1) from ``sha256("<seed>:<id>")``: the split key of a frame."""
-    digest = hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
-
-
-def split_rows(ids, labels, seed=0, val_fraction=0.15, test_fraction=0.0):
-    """Deterministic train/val/test split of the labeled rows by hashed sample id.
-
-    Parameters
-    ----------
-    ids : array of str
-    labels : array of int (-1 = unlabeled, excluded)
-    seed : int
-    val_fraction, test_fraction : float
-        Expected fractions of labeled frames in val and test.
-
-    Returns
-    -------
-    dict
-        ``{"train": rows, "val": rows, "test": rows}`` (int64 arrays, increasing).
-
-    Examples
-    --------
-    >>> s = split_rows(["a:0", "a:1", "a:2", "a:3"], [0, 1, 0, -1], seed=0, val_fraction=0.5)
-    >>> sorted(int(r) for r in np.concatenate([s["train"], s["val"], s["test"]]))
-    [0, 1, 2]
-    """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise InputError(f"val fraction {val_fraction} + test fraction {test_fraction} must be "
-                         f"in [0, 1)")
-    labels = np.asarray(labels)
-    rows = np.flatnonzero(labels >= 0)
-    u = np.array([split_fraction(ids[r], seed) for r in rows])
-    test = u < test_fraction
-    val = (u >= test_fraction) & (u < test_fraction + val_fraction)
-    return {"train": rows[~test & ~val], "val": rows[val], "test": rows[test]}
 
 
 def normalization_stats(dataset, rows, max_frames=512, seed=0, arrays=("image", "profile",

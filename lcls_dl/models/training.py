@@ -1,7 +1,7 @@
 """The training loop: data-parallel ready, resumable, deterministic for a fixed seed.
 
 :func:`train` is a custom loop (not ``model.fit``) written around a World
-(:mod:`lcls_dl.distributed.world`), so the same code runs as one process or as N MPI ranks:
+(:mod:`lcls_dl.distributed.local_world`), so the same code runs as one process or as N MPI ranks:
 
 1. initial weights and optimizer state are broadcast from the root (``world.broadcast``);
 2. each step computes gradients in a ``tf.function`` (forward + backward on this rank's
@@ -41,31 +41,25 @@ redo the step.
 """
 import csv
 import dataclasses
-import glob
 import hashlib
 import io
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import time
 
 import numpy as np
 
 from ..atomic import atomic_open
+from ..checkpoints import (CHECKPOINT_DIR, checkpoint_path, latest_checkpoint,  # noqa: F401
+                           load_checkpoint, prepare_out_dir, prune_checkpoints, save_checkpoint)
 from ..distributed.gradient_fusion import FusionPlan, TensorReducer
 from ..errors import ConfigError, InputError, LclsError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-#: version written; versions this code can resume from (1: epoch boundaries only)
-CHECKPOINT_VERSION = 2
-READABLE_CHECKPOINT_VERSIONS = (1, 2)
-_CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{6,}))?\.npz$")
 # options that change nothing in the trained weights (not part of the configuration hash)
 _NOT_HASHED = ("keep", "calibrate", "block", "progress")
 
@@ -187,120 +181,6 @@ class WarmupCosine:
         return tf.where(step < self.warmup, warm, cos)
 
 
-# -- checkpoints ------------------------------------------------------------------------------
-def checkpoint_path(out_dir, epoch, step=0):
-    """``checkpoints/epoch-NNNN.npz`` after ``epoch`` complete epochs, or
-    ``epoch-NNNN-step-SSSSSS.npz`` after ``step`` more steps (an interrupted epoch)."""
-    name = f"epoch-{epoch:04d}" + (f"-step-{step:06d}" if step else "") + ".npz"
-    return os.path.join(out_dir, CHECKPOINT_DIR, name)
-
-
-def _checkpoint_key(path):
-    """``(epochs done, steps done in the next epoch)`` of a checkpoint path, or None."""
-    m = _CKPT_RE.search(os.path.basename(path))
-    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
-
-
-def _test_checkpoint_pause(path):
-    """Test hooks inside the atomic write of a checkpoint (temporary file written, not yet
-    renamed): ``LCLS_DL_TEST_CHECKPOINT_FAIL="epoch-0002.npz"`` fails that write as a full
-    disk would; ``LCLS_DL_TEST_CHECKPOINT_SLEEP="epoch-0002.npz:30"`` pauses there, after
-    creating ``<checkpoints>/.writing-<name>``, so a test can kill the process."""
-    if os.environ.get("LCLS_DL_TEST_CHECKPOINT_FAIL") == os.path.basename(path):
-        import errno
-
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    spec = os.environ.get("LCLS_DL_TEST_CHECKPOINT_SLEEP")
-    if not spec:
-        return
-    name, _, seconds = spec.rpartition(":")
-    if name == os.path.basename(path):
-        mark = os.path.join(os.path.dirname(path), ".writing-" + name)
-        with open(mark, "w") as fh:
-            fh.write(str(os.getpid()))
-        time.sleep(float(seconds))
-
-
-def save_checkpoint(path, model_vars, opt_vars, state):
-    """Write one checkpoint atomically (``.npz``: ``m/NNN``, ``o/NNN``, ``state`` JSON).
-
-    A process killed during the write leaves only a hidden temporary file (removed or
-    ignored later); the previous checkpoints are untouched.
-    """
-    arrays = {f"m/{i:04d}": np.asarray(v) for i, v in enumerate(model_vars)}
-    arrays.update({f"o/{i:04d}": np.asarray(v) for i, v in enumerate(opt_vars)})
-    state = dict(state, checkpoint_version=CHECKPOINT_VERSION,
-                 n_model_vars=len(model_vars), n_opt_vars=len(opt_vars))
-    arrays["state"] = np.frombuffer(json.dumps(state, default=_json_num).encode(), np.uint8)
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        _test_checkpoint_pause(path)
-
-
-def _json_num(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(type(obj).__name__)
-
-
-def load_checkpoint(path):
-    """Read a checkpoint -> ``(model_vars, opt_vars, state)``.
-
-    Raises
-    ------
-    InputError
-        The file is missing, truncated or corrupted, or was written by an incompatible
-        version of lcls-dl (one line naming the file).
-    """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            state = json.loads(bytes(z["state"]).decode())
-            version = state.get("checkpoint_version")
-            if version not in READABLE_CHECKPOINT_VERSIONS:
-                raise _VersionMismatch(version)
-            model_vars = [z[f"m/{i:04d}"] for i in range(state["n_model_vars"])]
-            opt_vars = [z[f"o/{i:04d}"] for i in range(state["n_opt_vars"])]
-    except FileNotFoundError:
-        raise InputError("checkpoint not found", path) from None
-    except _VersionMismatch as exc:
-        raise InputError(f"incompatible checkpoint version {exc.args[0]!r} (this lcls-dl "
-                         f"reads version(s) {', '.join(map(str, READABLE_CHECKPOINT_VERSIONS))}"
-                         f"); train again with --overwrite", path) from None
-    except Exception as exc:  # zipfile.BadZipFile, EOFError, KeyError, ValueError, zlib.error
-        raise InputError(f"corrupted or truncated checkpoint ({type(exc).__name__}); delete it "
-                         f"or train again with --overwrite", path) from None
-    return model_vars, opt_vars, state
-
-
-class _VersionMismatch(Exception):
-    pass
-
-
-def latest_checkpoint(out_dir):
-    """Path of the newest epoch or mid-epoch checkpoint in ``out_dir`` (None if there is none).
-
-    Temporary files of an interrupted write (``.epoch-*.npz.*.tmp``) are never chosen.
-    """
-    found = []
-    for p in glob.glob(os.path.join(out_dir, CHECKPOINT_DIR, "epoch-*.npz")):
-        key = _checkpoint_key(p)
-        if key is not None:
-            found.append((key, p))
-    return max(found)[1] if found else None
-
-
-def _prune(out_dir, keep):
-    paths = [p for p in glob.glob(os.path.join(out_dir, CHECKPOINT_DIR, "epoch-*.npz"))
-             if _checkpoint_key(p) is not None]
-    paths.sort(key=_checkpoint_key)
-    for p in paths[:-max(int(keep), 1)]:
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
-
-
 def _broadcast_variables(world, variables):
     """Give every rank the root's values of ``variables`` (Keras variables), in place."""
     values = world.broadcast([np.array(v.numpy()) for v in variables])
@@ -313,35 +193,6 @@ def _differing_key(a, b):
         if a.get(key) != b.get(key):
             return key, a.get(key), b.get(key)
     return None
-
-
-# -- output directory -------------------------------------------------------------------------
-def prepare_out_dir(out_dir, resume=False, overwrite=False):
-    """Check/create MODEL_DIR: refuse an existing one unless ``resume`` or ``overwrite``.
-
-    ``overwrite`` deletes only a directory that looks like a model directory (has
-    ``model.json``, ``checkpoints/``, ``logs/`` or ``metrics.csv``) or is empty.
-    """
-    out_dir = os.fspath(out_dir)
-    exists = os.path.isdir(out_dir) and bool(os.listdir(out_dir))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError("output path exists and is not a directory", out_dir)
-    if resume:
-        if latest_checkpoint(out_dir) is None:
-            raise InputError("nothing to resume: no checkpoints in the model directory", out_dir)
-        return out_dir
-    if exists:
-        if not overwrite:
-            raise InputError("model directory exists (use --overwrite to replace it or "
-                             "--resume to continue training)", out_dir)
-        looks = any(os.path.exists(os.path.join(out_dir, name))
-                    for name in ("model.json", CHECKPOINT_DIR, "logs", "metrics.csv"))
-        if not looks:
-            raise InputError("refusing to overwrite a directory that is not an lcls-dl model "
-                             "directory", out_dir)
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    return out_dir
 
 
 def write_metrics_csv(path, history):
@@ -474,7 +325,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     out_dir : str, optional
         Model directory for checkpoints/logs (None: keep nothing on disk).
     world : World, optional
-        Default :class:`lcls_dl.distributed.world.LocalWorld`. A
+        Default :class:`lcls_dl.distributed.local_world.LocalWorld`. A
         :class:`lcls_dl.distributed.ulfm.FaultTolerantWorld` makes the loop survive dead
         ranks: on :class:`~lcls_dl.distributed.ulfm.WorldShrunk` the survivors take the
         new root's weights, optimizer state and position, re-partition the epoch among
@@ -511,7 +362,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     """
     import tensorflow as tf
 
-    from ..distributed.world import LocalWorld
+    from ..distributed.local_world import LocalWorld
     from .builders import sub_model
     from .data import Augmenter, class_weights, default_partition, make_tf_dataset
 
@@ -834,7 +685,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                         save_checkpoint(checkpoint_path(out_dir, epoch),
                                         [np.array(v.numpy()) for v in model.variables],
                                         opt_vars, ck_state)
-                        _prune(out_dir, cfg.keep)
+                        prune_checkpoints(out_dir, cfg.keep)
                         write_metrics_csv(os.path.join(out_dir, "metrics.csv"),
                                           state["history"])
                         if writer is None:
@@ -927,7 +778,7 @@ def evaluate_rows(model, dataset, rows, labels_all, world=None, batch_size=128,
 
     Returns ``{"loss", "accuracy", "n"}`` (NaN loss/accuracy for no rows).
     """
-    from ..distributed.world import LocalWorld
+    from ..distributed.local_world import LocalWorld
     from .model_dir import dataset_logits
 
     world = world or LocalWorld()
@@ -985,12 +836,12 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
         No labeled frames, a single class, an existing MODEL_DIR without ``overwrite``, a
         corrupted checkpoint on ``resume``.
     """
-    from ..dataset import Dataset
-    from ..distributed.world import LocalWorld
+    from ..dataset import Dataset, labeled_splits
+    from ..distributed.local_world import LocalWorld
     from ..provenance import software_versions, utc_now
     from .builders import build_model, input_names
     from .calibration import calibrate, softmax
-    from .data import normalization_stats, split_rows
+    from .data import normalization_stats
     from .metrics import classification_report
     from .model_dir import dataset_logits, save_model_dir
 
@@ -999,21 +850,9 @@ def run_training(dataset_dir, out_dir, config, world=None, partition=None, grad_
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("epochs and batch size must be at least 1")
     dataset = Dataset(dataset_dir)
-    labeled = dataset.labeled
-    if len(labeled) == 0:
-        raise InputError("no labeled frames (add labels with ingest --labels or lcls-dl label)",
-                         dataset_dir)
-    present = sorted(set(dataset.labels[labeled].tolist()))
-    if len(present) < 2:
-        name = dataset.classes[present[0]] if present else "?"
-        raise InputError(f"only one class among the labeled frames ({name!r}); a classifier "
-                         f"needs at least two", dataset_dir)
     classes = list(dataset.classes)
-    splits = split_rows(dataset.ids, dataset.labels, cfg.seed, cfg.val_fraction,
-                        cfg.test_fraction)
-    if len(splits["train"]) == 0:
-        raise InputError("no labeled frames left for training after the validation/test split",
-                         dataset_dir)
+    splits = labeled_splits(dataset, cfg.seed, cfg.val_fraction, cfg.test_fraction,
+                            ranks=world.size)
     err = None
     if world.is_root:
         try:

@@ -113,7 +113,7 @@ class GradientAverager:
     Examples
     --------
     >>> import numpy as np
-    >>> from lcls_dl.distributed.allreduce import GradientAverager
+    >>> from lcls_dl.distributed.gradient_averager import GradientAverager
     >>> avg = GradientAverager(bucket_bytes=1 << 20)
     >>> grads = [np.ones((3, 3), np.float32), np.arange(4, dtype=np.float32)]
     >>> out = avg(grads)          # the same values on every rank, averaged
