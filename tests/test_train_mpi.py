@@ -81,26 +81,38 @@ def test_np4_oversubscribed(data, np1, tmp_path):
     assert abs(_val_accuracy(meta) - _val_accuracy(np1[1])) <= 0.1
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_sigterm_to_launcher_checkpoints_and_resume_is_bitwise(data, np2, tmp_path):
-    out, dbg = tmp_path / "m", tmp_path / "dbg"
-    dbg.mkdir()
+def _signal_after_epoch_1(data, out, sig, group=False):
+    """Start ``train --np 2`` (slowed down), send ``sig`` once epoch 1 is checkpointed, to
+    the launcher or to its whole process group; return ``(proc, stdout, stderr)``."""
     cmd = [sys.executable, "-m", "lcls_dl", *train_args(data, out, extra=["--np", "2"])]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env_with(LCLS_DL_TEST_STEP_SLEEP="0.25"))
+    proc = subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=group,  # a group of its own to signal
+                            env=env_with(LCLS_DL_TEST_STEP_SLEEP="0.25"))
     try:
         t0 = time.time()
         while not (out / "checkpoints" / "epoch-0001.npz").exists():
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() - t0 < 90, "no epoch finished"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)      # what a scheduler sends at the time limit
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    return proc, stdout, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigterm_to_launcher_checkpoints_and_resume_is_bitwise(data, np2, tmp_path):
+    out, dbg = tmp_path / "m", tmp_path / "dbg"
+    dbg.mkdir()
+    # what a scheduler sends the launcher at the time limit
+    proc, stdout, stderr = _signal_after_epoch_1(data, out, signal.SIGTERM)
     assert proc.returncode == 0, (stdout + stderr)[-3000:]
     assert not (out / "model.json").exists()
     (line,) = [ln for ln in stdout.splitlines() if "resume with: " in ln]
@@ -134,22 +146,7 @@ def test_signal_to_the_process_group_checkpoints(data, tmp_path, sig, code):
     """Ctrl-C in a terminal, ``timeout`` and schedulers signal the whole process group:
     mpiexec must not get it (it would kill the ranks), the launcher relays a stop."""
     out = tmp_path / "m"
-    cmd = [sys.executable, "-m", "lcls_dl", *train_args(data, out, extra=["--np", "2"])]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True,   # a group of its own
-                            env=env_with(LCLS_DL_TEST_STEP_SLEEP="0.25"))
-    try:
-        t0 = time.time()
-        while not (out / "checkpoints" / "epoch-0001.npz").exists():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() - t0 < 90, "no epoch finished"
-            time.sleep(0.05)
-        os.killpg(proc.pid, sig)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+    proc, stdout, stderr = _signal_after_epoch_1(data, out, sig, group=True)
     assert proc.returncode == code, (stdout + stderr)[-3000:]
     assert [ln for ln in stdout.splitlines() if "resume with: " in ln]
     assert [n for n in os.listdir(out / "checkpoints") if "-step-" in n]
