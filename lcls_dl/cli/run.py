@@ -51,8 +51,8 @@ def run_script(script, script_args=()):
     """Run ``script`` as ``__main__`` in this process with ``sys.argv = [script, *args]``.
 
     Returns the script's exit code; its exceptions print a normal Python traceback
-    (exit 1) so a user debugs their own code as usual. In an MPI job, ``lcls-dl``
-    then aborts the job (a rank that failed alone would leave the others waiting).
+    (exit 1) so a user debugs their own code as usual. In an MPI job ``lcls-dl`` then
+    makes sure the job ends (:func:`lcls_dl.distributed.launcher.end_job_on_failure`).
     """
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [script, *script_args]

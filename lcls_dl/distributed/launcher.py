@@ -389,8 +389,9 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
             if relay.interrupted:
                 return 130
             if code == 128 + 14:  # SIGALRM: end_job_on_failure in a rank that failed alone
-                print("lcls-dl: a rank failed while the others still ran (its error is "
-                      "above); the job was ended", file=sys.stderr, flush=True)
+                print(f"lcls-dl: a rank failed alone (its error is above) and ended itself "
+                      f"after {FAILURE_GRACE_S} s, so that the others could not wait for it "
+                      "forever", file=sys.stderr, flush=True)
             if code != 0 and local and not os.path.exists(started):
                 launch = cmd[:cmd.index(sys.executable)] if sys.executable in cmd else cmd[:1]
                 raise LclsError(f"mpiexec could not start the job (exit code {code}; its "

@@ -68,7 +68,8 @@ class StopRequest:
             self.install()
 
     def _handler(self, signum, frame):
-        # Only set the flag: no I/O, no MPI, no locks in a signal handler.
+        # Only set flags (no I/O, no MPI, no locks in a signal handler); a second Ctrl-C
+        # raises, as Python's own SIGINT handler would.
         if signum == signal.SIGINT and self.interrupted and not self.stopping:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if self.signum is None:
