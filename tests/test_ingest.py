@@ -182,6 +182,11 @@ def test_dark_and_gain_files_calibrate_frames_and_are_recorded(tmp_path, cli):
 def test_resume_after_kill_keeps_finished_shards(tmp_path, run_dir, monkeypatch):
     out = str(tmp_path / "data")
     real = pipeline.build_shard
+
+    def ingest_to(path):
+        return pipeline.ingest([str(run_dir)], path, shard_size=3, params=SMALL,
+                               labels_csv=str(tmp_path / "labels.csv"), **GEOM)
+
     calls = []
 
     def dying(plan, k, *a, **kw):
@@ -192,24 +197,30 @@ def test_resume_after_kill_keeps_finished_shards(tmp_path, run_dir, monkeypatch)
 
     monkeypatch.setattr(pipeline, "build_shard", dying)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.ingest([str(run_dir)], out, shard_size=3, params=SMALL, **GEOM)
+        ingest_to(out)
     assert not os.path.exists(out)                    # DATASET_DIR untouched
     (staged,) = staging_dirs(tmp_path)
     assert sorted(os.listdir(tmp_path / staged)) == ["shard-00000.h5", "shard-00001.h5"]
     calls.clear()
     monkeypatch.setattr(pipeline, "build_shard", lambda plan, k, *a, **kw:
                         calls.append(k) or real(plan, k, *a, **kw))
-    m = pipeline.ingest([str(run_dir)], out, shard_size=3, params=SMALL, **GEOM)
+    m = ingest_to(out)
     assert calls == [2, 3] and m["n_frames"] == 12
     assert not staging_dirs(tmp_path)
+    # the shards finished before the kill count their classes like the others
+    clean = ingest_to(str(tmp_path / "clean"))
+    assert m["class_counts"] == clean["class_counts"] == \
+        {"water": 1, "ice": 1, "miss": 1, "unlabeled": 9}
+    assert [s["class_counts"] for s in m["shards"]] == \
+        [s["class_counts"] for s in clean["shards"]]
     # a deleted shard is redone, the others kept
     os.unlink(os.path.join(out, "shard-00001.h5"))
     calls.clear()
-    m2 = pipeline.ingest([str(run_dir)], out, shard_size=3, params=SMALL, **GEOM)
+    m2 = ingest_to(out)
     assert calls == [1] and [s["sha256"] for s in m2["shards"]] == \
         [s["sha256"] for s in m["shards"]]
     calls.clear()
-    m3 = pipeline.ingest([str(run_dir)], out, shard_size=3, params=SMALL, **GEOM)
+    m3 = ingest_to(out)
     assert calls == [] and m3.get("_up_to_date")
     calls.clear()
     pipeline.ingest([str(run_dir)], out, shard_size=3, params=SMALL, force=True, **GEOM)

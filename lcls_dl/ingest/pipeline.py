@@ -374,7 +374,7 @@ def plan_ingest(inputs, out_dir, labels_csv=None, shard_size=DEFAULT_SHARD_SIZE,
         segments.append(seg)
     keys = [_sha([spec, k]) for k in range(len(segments))]
     staging = staging_dir(out_dir, spec)
-    keep, todo = _resume(out_dir, staging, keys, force, spec, ConfigError)
+    keep, todo = _resume(out_dir, staging, keys, force, spec, classes, ConfigError)
     for s in sources:
         s.pop("labels", None)
     return {"sources": sources, "bad": bad, "segments": segments, "labels": labels,
@@ -428,8 +428,11 @@ def _shard_summary(path, key, classes):
             "bytes": os.path.getsize(path)}
 
 
-def _resume(out_dir, staging, keys, force, spec, ConfigError):
-    """Which shards are kept (in DATASET_DIR or staging) and which must be computed."""
+def _resume(out_dir, staging, keys, force, spec, classes, ConfigError):
+    """Which shards are kept (in DATASET_DIR or staging) and which must be computed.
+
+    ``classes``: this ingest's class names (part of ``spec``), for the counts of shards
+    found complete in staging."""
     old = None
     mpath = os.path.join(out_dir, "manifest.json")
     if os.path.isfile(mpath):
@@ -466,7 +469,7 @@ def _resume(out_dir, staging, keys, force, spec, ConfigError):
                     continue
             staged = os.path.join(staging, name)
             if os.path.isfile(staged):
-                summ = _shard_summary(staged, key, [])
+                summ = _shard_summary(staged, key, classes)
                 if summ is not None:
                     summ["where"] = "staging"
                     keep[k] = summ
