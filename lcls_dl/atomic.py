@@ -29,6 +29,24 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def check_writable(path, what="output"):
+    """Raise ``InputError`` now when ``path`` could not be written later: the nearest
+    existing directory above it (or the path itself) is not writable, or the path is
+    taken by a file where a directory is wanted. For checks before long work (a
+    read-only file system, a directory of another user).
+    """
+    from .errors import InputError
+
+    path = os.path.abspath(os.fspath(path))
+    probe = path if os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise InputError(f"cannot write the {what}: {probe} is a file, not a directory", path)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write the {what}: {probe} is not writable", path)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=".tmp"):
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.

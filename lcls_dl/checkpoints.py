@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .atomic import atomic_open
+from .atomic import atomic_open, check_writable
 from .errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -145,13 +145,15 @@ def prepare_out_dir(out_dir, resume=False, overwrite=False, create=True):
 
     ``overwrite`` deletes only a directory that looks like a model directory (has
     ``model.json``, ``checkpoints/``, ``logs/`` or ``metrics.csv``) or is empty. With
-    ``create=False`` only the checks run: nothing is deleted or created.
+    ``create=False`` only the checks run (and that the directory could be written):
+    nothing is deleted or created.
 
     Raises
     ------
     InputError
         The path is a file; ``resume`` without a checkpoint; an existing directory
-        without ``overwrite``, or one that is not a model directory.
+        without ``overwrite``, or one that is not a model directory; with
+        ``create=False``, a place that cannot be written.
 
     Examples
     --------
@@ -179,4 +181,6 @@ def prepare_out_dir(out_dir, resume=False, overwrite=False, create=True):
             shutil.rmtree(out_dir)
     if create:
         os.makedirs(out_dir, exist_ok=True)
+    else:
+        check_writable(out_dir, "model directory")
     return out_dir

@@ -25,7 +25,8 @@ def software_versions():
             versions[dist] = None
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None:  # never initialize MPI just to report it
-        versions["mpi_library"] = mpi.Get_library_version().splitlines()[0].strip()
+        # Open MPI pads the string with a NUL
+        versions["mpi_library"] = mpi.Get_library_version().replace("\x00", "").splitlines()[0].strip()
     return versions
 
 

@@ -6,9 +6,11 @@ stalling CI.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -215,8 +217,17 @@ def test_batch_script_cli_and_errors(cli):
     assert "#SBATCH --nodes=3" in proc.stdout and "#SBATCH --time=00:20:00" in proc.stdout
     assert "mpirun -n 6" in proc.stdout and "lcls-dl train d --out m" in proc.stdout
     bad = cli("batch-script", "--scheduler", "pbs", "--time", "soon", "--", "train", "d",
-              timeout=60)
+              "--out", "m", timeout=60)
     assert bad.returncode == 1 and "lcls-dl: error: time limit 'soon'" in bad.stderr
+    # what the job would refuse after its wait in the queue is refused now
+    for command, said in ((["trian", "d"], "unknown lcls-dl command 'trian'"),
+                          (["train", "d", "--out", "m", "--bogus"], "No such option '--bogus'"),
+                          (["train", "d", "--out", "m", "--np", "4"], "--np does not belong")):
+        proc = cli("batch-script", "--scheduler", "slurm", "--", *command, timeout=60)
+        assert proc.returncode == 1 and not proc.stdout, command
+        assert proc.stderr.startswith("lcls-dl: error: ") and said in proc.stderr, proc.stderr
+    pbs = cli("batch-script", "--scheduler", "pbs", "--", "train", "d", "--out", "m", timeout=60)
+    assert 'cd "${PBS_O_WORKDIR:-.}"' in pbs.stdout      # PBS starts jobs in $HOME
 
 
 # ------------------------------------------------------------------ real ranks
@@ -420,23 +431,101 @@ def test_fewer_frames_than_ranks_fails_clearly(tmp_path, cli):
 
 
 ONE_RANK_FAILS_SCRIPT = """
+    import sys
     import lcls_dl.distributed as ld
 
     ld.init(threads=False)
+    print("read", len(sys.stdin.read()), "characters")   # mpiexec gives no input: EOF
     if ld.rank() == 1:
-        raise RuntimeError("boom on rank 1")
+        if sys.argv[1] == "raise":
+            raise RuntimeError("boom on rank 1")
+        sys.exit(3)
     ld.barrier()          # rank 0 waits here for a rank that is gone
 """
 
 
 @pytest.mark.mpi
 @needs_mpi
-def test_one_rank_failing_alone_ends_the_job(tmp_path, cli):
+@pytest.mark.parametrize("how,code", [("raise", 1), ("exit", 3)])
+def test_one_rank_failing_alone_ends_the_job_with_its_code(tmp_path, cli, how, code):
     script = write_script(tmp_path, "fails.py", ONE_RANK_FAILS_SCRIPT)
-    proc = cli("run", "--np", "2", str(script), timeout=90)   # a hang fails here
-    assert proc.returncode not in (0, None)
-    assert "RuntimeError: boom on rank 1" in proc.stderr
-    assert "a rank failed alone" in proc.stderr
+    proc = cli("run", "--np", "2", str(script), how, timeout=90)   # a hang fails here
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert proc.stdout.count("read 0 characters") == 2
+    assert ("RuntimeError: boom on rank 1" in proc.stderr) == (how == "raise")
+    assert f"rank 1 exited with code {code} while the others still ran" in proc.stderr
+
+
+@pytest.mark.mpi
+@needs_mpi
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_ends_a_job_that_does_not_checkpoint(tmp_path, sig, code):
+    script = write_script(tmp_path, "sleeps.py", """
+        import time
+        import lcls_dl.distributed as ld
+
+        ld.init(threads=False)
+        print("started", flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "lcls_dl", "run", "--np", "2", str(script)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while proc.stdout.readline().count("started") == 0:
+            assert proc.poll() is None and time.time() - t0 < 60
+        os.killpg(proc.pid, sig)                 # like Ctrl-C in a terminal, or timeout
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err[-2000:]
+    assert ("Ctrl-C: ending the job" in err) == (sig == signal.SIGINT)
+
+
+def test_a_keypress_passed_on_twice_is_one_ctrl_c(monkeypatch):
+    from lcls_dl.distributed import signals
+    from lcls_dl.distributed.local_world import LocalWorld
+
+    stop = signals.StopRequest(signals.STOP_SIGNALS + (signal.SIGINT,))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)      # `timeout` passes the same keypress on
+        assert stop.interrupted and not stop.stopping
+        monkeypatch.setattr(signals, "REPEAT_AFTER_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):   # a real second Ctrl-C ends it at once
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.should_stop(LocalWorld())
+        os.kill(os.getpid(), signal.SIGINT)      # checkpointing now: ignored
+    finally:
+        stop.uninstall()
+
+
+def test_checks_before_long_work(tmp_path, monkeypatch):
+    from lcls_dl.active.suggest import check_pool_ranks
+    from lcls_dl.atomic import check_writable
+    from lcls_dl.dataset import Dataset
+    from lcls_dl.distributed.launcher import check_local_ranks
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a directory"):
+        check_writable(tmp_path / "f" / "m")
+    check_writable(tmp_path / "new" / "deeper" / "x.csv")      # can be created: fine
+    with monkeypatch.context() as m:                          # as on a read-only mount
+        m.setattr(os, "access", lambda p, mode: os.fspath(p) != os.fspath(tmp_path))
+        with pytest.raises(InputError, match="is not writable"):
+            check_writable(tmp_path / "new" / "x.csv")
+    ds = Dataset(make_dataset(tmp_path / "ds", n=10, shape=(8, 16), n_q=12, seed=1,
+                              unlabeled=5))
+    pool = len(ds.unlabeled)
+    check_pool_ranks(ds, pool)
+    with pytest.raises(InputError, match=f"{pool + 1} ranks for {pool} unlabeled frames"):
+        check_pool_ranks(ds, pool + 1)
+    check_local_ranks(8, available=8 << 30)
+    with pytest.raises(InputError, match="150 ranks on this host need about 75 GB"):
+        check_local_ranks(150, available=23 << 30)
 
 
 @needs_mpi
@@ -453,6 +542,9 @@ def test_launch_errors_are_one_line_before_any_rank_starts(tmp_path, cli):
          "cannot parse --mpiexec-args: no closing quotation"),
         (["run", "--np", "2", "--mpiexec-args", "--map-by 'x", script],
          "cannot parse --mpiexec-args"),
+        (["train", ds, "--out", tmp_path / "ok.py" / "m", "--np", "2"],
+         "cannot write the model directory"),
+        (["run", "--np", "100000", script], "ranks on this host need about"),
         # mpiexec refuses the option: said once, and no restart of a job that never started
         (["train", ds, "--out", out, "--np", "2", "--val-fraction", "0.2", "--max-restarts", "2",
           "--mpiexec-args", "--no-such-mpiexec-option"], "mpiexec could not start the job"),

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..atomic import check_writable
+from ..dataset import Dataset
 from ..errors import ConfigError, InputError
 from . import scores as _scores
 from . import selection, stopping
@@ -271,6 +273,15 @@ class SuggestResult:
     pool_size: int = 0
 
 
+def check_pool_ranks(dataset, ranks):
+    """Raise ``InputError`` when the unlabeled pool has fewer frames than MPI ranks to
+    score it (cheap: the launcher of ``suggest-labels --np N`` calls it first)."""
+    pool = len(dataset.unlabeled)
+    if int(ranks) > max(pool, 1):
+        raise InputError(f"{int(ranks)} ranks for {pool} unlabeled frames: use at most one "
+                         f"rank per frame (--np)", dataset.path)
+
+
 def suggest_labels(model_dir, dataset_dir, budget, strategy="margin", out=None,
                    mc_passes=None, ensemble=(), class_balanced=False, diversity=DEFAULT_DIVERSITY,
                    seed=0, world=None, previous=None, contact_sheet=True, batch_size=256,
@@ -303,7 +314,6 @@ def suggest_labels(model_dir, dataset_dir, budget, strategy="margin", out=None,
     -------
     SuggestResult (None on ranks other than 0)
     """
-    from ..dataset import Dataset
     from .mpi_scoring import score_pool
 
     if strategy not in STRATEGIES:
@@ -316,7 +326,10 @@ def suggest_labels(model_dir, dataset_dir, budget, strategy="margin", out=None,
         mc_passes = DEFAULT_MC_PASSES if strategy == "bald" else 0
     if strategy == "bald" and mc_passes < 2:
         raise InputError("strategy bald needs --mc-passes of at least 2", "--mc-passes")
+    if out is not None:  # before the pool is scored, not after
+        check_writable(out, "suggestions")
     dataset = Dataset(dataset_dir)
+    check_pool_ranks(dataset, world.size if world is not None else 1)
     scorer, meta = load_scorer(model_dir)
     check_compatible(meta, dataset, model_dir)
     scorers = [scorer]

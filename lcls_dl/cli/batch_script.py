@@ -139,6 +139,8 @@ def make_batch_script(command, scheduler, nodes, ranks_per_node, time="01:00:00"
         if signal_seconds:
             lines.append(f"#BSUB -wa USR1 -wt {max(1, signal_seconds // 60)}")
     lines += ["", "set -uo pipefail"]
+    if scheduler == "pbs":  # PBS starts in $HOME; relative paths are the submitter's
+        lines.append('cd "${PBS_O_WORKDIR:-.}"')
     if modules:
         lines.append("module load " + " ".join(shlex.quote(m) for m in modules))
     if venv:
@@ -214,6 +216,33 @@ def _option_value(args, name):
     return None
 
 
+def check_command(command):
+    """Refuse now what the job would refuse only after its wait in the queue: an unknown
+    lcls-dl command, options it does not take, and ``--np`` (the script starts the ranks)."""
+    import importlib
+
+    from .main import COMMANDS
+
+    if not command:
+        return  # make_batch_script says what is missing
+    name, args = command[0], list(command[1:])
+    if name not in COMMANDS:
+        raise InputError(f"unknown lcls-dl command {name!r} (one of {', '.join(COMMANDS)})",
+                         "the command after --")
+    if any(a == "--np" or a.startswith("--np=") for a in args):
+        raise InputError("--np does not belong in a batch script's command: the script starts "
+                         "--nodes x --ranks-per-node ranks itself", "the command after --")
+    module, attr, _ = COMMANDS[name]
+    cmd = getattr(importlib.import_module(module), attr)
+    try:
+        cmd.make_context(f"lcls-dl {name}", args)
+    except click.exceptions.Exit:  # --help
+        pass
+    except click.ClickException as exc:
+        raise InputError(f"lcls-dl {name}: {exc.format_message()}", "the command after --") \
+            from None
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), required=True,
               help="Batch system the script is for.")
@@ -256,6 +285,7 @@ def batch_script(scheduler, nodes, ranks_per_node, cpus_per_rank, time_, venv, m
         command = command[1:]
     if command and command[0] == "lcls-dl":
         command = command[1:]
+    check_command(command)
     text = make_batch_script(command, scheduler, nodes, ranks_per_node, time=time_,
                              cpus_per_rank=cpus_per_rank, venv=venv,
                              modules=modules.split(), account=account, queue=queue,

@@ -34,6 +34,8 @@ def run(np_, hostfile, mpiexec_args, script, script_args):
     from ..distributed.launcher import maybe_launch
     from .common import verbosity_argv
 
+    if script.startswith("-"):  # an unknown option of run, before the script
+        raise click.UsageError(f"No such option: {script}")
     if not os.path.isfile(script):
         raise InputError("script not found", script)
     argv = ["run", "--np", str(np_)]

@@ -49,9 +49,20 @@ def suggest_labels(model_dir, dataset_dir, budget, strategy, mc_passes, ensemble
       lcls-dl suggest-labels model1 data1 -k 50 --strategy ensemble --ensemble model2 -o n.csv
       lcls-dl label import data1 next_labeled.csv      # then train again
     """
-    from ..distributed.launcher import maybe_launch
+    from ..distributed.launcher import in_mpi_job, maybe_launch
     from .common import verbosity_argv
 
+    if np_ > 1 and not in_mpi_job():  # what every rank would refuse, said once, at once
+        from ..active.suggest import check_pool_ranks
+        from ..atomic import check_writable
+        from ..dataset import Dataset
+
+        check_writable(out, "suggestions")
+        dataset = Dataset(dataset_dir)
+        try:
+            check_pool_ranks(dataset, np_)
+        finally:
+            dataset.close()
     if np_ > 1:
         argv = ["suggest-labels", os.path.abspath(model_dir), os.path.abspath(dataset_dir),
                 "--budget", str(budget), "--strategy", strategy, "--diversity", str(diversity),

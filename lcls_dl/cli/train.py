@@ -161,7 +161,8 @@ def train(ctx, dataset_dir, out_dir, resume, overwrite, np_, hostfile, mpiexec_a
                             opts["val_fraction"], opts["test_fraction"])
         return maybe_launch(sys.argv[1:], np_, hostfile=hostfile, mpiexec_args=launch_args,
                             fault_tolerance=fault_tolerance, max_restarts=max_restarts,
-                            restart_argv=lambda argv: restart_argv(argv, out_dir))
+                            restart_argv=lambda argv: restart_argv(argv, out_dir),
+                            checkpoints=True)
     # installed before MPI/TensorFlow start; Ctrl-C reaches a rank only without our launcher
     stop = StopRequest(STOP_SIGNALS + (signal.SIGINT,))
     world = _join_world(fault_tolerance)

@@ -153,8 +153,9 @@ def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, core
                     flavor="openmpi"):
     """The command line :func:`maybe_launch` runs (a list of str).
 
-    Open MPI: ``--output tag --bind-to none`` (+ ``--oversubscribe`` when ``np`` exceeds the
-    cores and no hostfile is given); MPICH (Hydra): ``-prepend-rank`` and ``-f hostfile``.
+    Open MPI: ``--output tag --bind-to none --stdin none`` (+ ``--oversubscribe`` when ``np``
+    exceeds the cores and no hostfile is given); MPICH (Hydra): ``-prepend-rank`` and
+    ``-f hostfile``.
     """
     mpiexec = mpiexec or find_mpiexec()
     cores = (os.cpu_count() or 1) if cores is None else cores
@@ -164,7 +165,9 @@ def mpiexec_command(argv, np, hostfile=None, mpiexec_args=(), mpiexec=None, core
             cmd += ["-f", os.fspath(hostfile)]
         cmd += list(mpiexec_args)
         return cmd + lcls_dl_command() + [str(a) for a in argv]
-    cmd = [mpiexec, "-n", str(int(np)), "--output", "tag", "--bind-to", "none"]
+    # no standard input for any rank: Open MPI would forward ours to rank 0
+    cmd = [mpiexec, "-n", str(int(np)), "--output", "tag", "--bind-to", "none",
+           "--stdin", "none"]
     if hostfile:
         cmd += ["--hostfile", os.fspath(hostfile)]
     elif np > cores:
@@ -261,6 +264,41 @@ def mark_started(environ=None):
             pass
 
 
+#: memory one rank needs at least (Python, TensorFlow, a small model): 0.55-0.8 GB resident
+#: per training rank measured on this machine
+RANK_MEMORY_BYTES = 512 << 20
+
+
+def available_memory(meminfo="/proc/meminfo"):
+    """Bytes of memory available for new processes (Linux ``MemAvailable``), or None."""
+    try:
+        with open(meminfo) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_local_ranks(np, available=None):
+    """Refuse to start more ranks on this host than its memory holds: each rank loads
+    TensorFlow, and too many end in the out-of-memory killer minutes later.
+
+    >>> check_local_ranks(150, available=23 << 30)
+    Traceback (most recent call last):
+    ...
+    lcls_dl.errors.InputError: 150 ranks on this host need about 75 GB (0.5 GB each) but 23 GB are available: use fewer ranks, or several nodes (--hostfile, lcls-dl batch-script) (--np 150)
+    """
+    available = available_memory() if available is None else available
+    need = int(np) * RANK_MEMORY_BYTES
+    if available is not None and need > available:
+        raise InputError(f"{int(np)} ranks on this host need about {need / 2**30:.0f} GB "
+                         f"({RANK_MEMORY_BYTES / 2**30:.1f} GB each) but "
+                         f"{available / 2**30:.0f} GB are available: use fewer ranks, or "
+                         "several nodes (--hostfile, lcls-dl batch-script)", f"--np {int(np)}")
+
+
 #: seconds a failed rank waits for the others at exit before it ends the job
 FAILURE_GRACE_S = 10
 
@@ -281,8 +319,31 @@ def end_job_on_failure(code, grace=FAILURE_GRACE_S):
     if not code or mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
         return
     if mpi.COMM_WORLD.Get_size() > 1 and hasattr(signal, "alarm"):
+        started = os.environ.get(STARTED_ENV)
+        if started:  # so lcls-dl's launcher can return this code, not the alarm's
+            try:
+                with open(f"{started}.exit-rank{mpi.COMM_WORLD.Get_rank()}", "w") as fh:
+                    fh.write(str(code))
+            except OSError:
+                pass
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(max(1, int(grace)))
+
+
+def _failed_alone(started):
+    """``(rank, exit code)`` of the lowest rank that recorded a failure, or None."""
+    import glob
+    import re
+
+    found = []
+    for path in glob.glob(glob.escape(started) + ".exit-rank*"):
+        m = re.search(r"\.exit-rank(\d+)$", path)
+        try:
+            with open(path) as fh:
+                found.append((int(m.group(1)), int(fh.read().strip())))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return min(found) if found else None
 
 
 def _end_with_parent():
@@ -299,7 +360,7 @@ def _end_with_parent():
 
 
 def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False,
-                 max_restarts=0, restart_argv=None):
+                 max_restarts=0, restart_argv=None, checkpoints=False):
     """Re-run this command under ``mpiexec -n np`` unless that is not needed.
 
     Parameters
@@ -323,6 +384,10 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
         restart on stderr. A job stopped by SIGTERM/SIGUSR1 is never restarted.
     restart_argv : callable, optional
         ``restart_argv(argv) -> argv`` for the next attempt (e.g. add ``--resume``).
+    checkpoints : bool
+        The ranks stop cleanly on SIGUSR1 (``lcls-dl train``): SIGTERM, SIGUSR1 and a
+        first Ctrl-C are relayed to them as SIGUSR1. Otherwise those signals end the job
+        (``mpiexec`` gets SIGTERM) and the exit code is 128 + the signal.
 
     Returns
     -------
@@ -338,10 +403,14 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
     Notes
     -----
     ``mpiexec`` runs in a session of its own, with no input, inside
-    :class:`lcls_dl.distributed.signals.relay_stop_signals`: a ``SIGTERM``, ``SIGUSR1``
-    or Ctrl-C to this process, or to its process group (``timeout``, a terminal), reaches
-    every rank as ``SIGUSR1``, so the training loop can checkpoint. A stop asked by
-    Ctrl-C returns 130, a second Ctrl-C ends the job at once (130 too).
+    :class:`lcls_dl.distributed.signals.relay_stop_signals`: with ``checkpoints``, a
+    ``SIGTERM``, ``SIGUSR1`` or Ctrl-C to this process, or to its process group
+    (``timeout``, a terminal), reaches every rank as ``SIGUSR1``, so the training loop can
+    checkpoint. A stop asked by Ctrl-C returns 130, a second Ctrl-C ends the job at once
+    (130 too). Without, those signals end the job.
+
+    A rank that fails alone ends itself after a grace time (:func:`end_job_on_failure`);
+    its exit code, not the alarm's, is returned.
 
     On one host, a job that failed before any rank started (a bad mpiexec option, too
     few slots: ``mpiexec`` printed why) is reported as such and not restarted.
@@ -369,6 +438,8 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
         extra = ulfm.mpiexec_ft_args() + ["-x", ulfm.FT_ENV] + extra
     # only a rank on this host can tell this process that it started
     local = single_host(hostfile, mpiexec_args)
+    if local:
+        check_local_ranks(np)
     attempt = 0
     with tempfile.TemporaryDirectory(prefix="lcls-dl-launch-") as tmp:
         started = os.path.join(tmp, "started")
@@ -381,17 +452,21 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
             except OSError as exc:
                 raise LclsError(f"cannot start mpiexec: {exc.strerror}", mpiexec) from None
             try:
-                with relay_stop_signals(proc) as relay:
+                with relay_stop_signals(proc, graceful=checkpoints) as relay:
                     code = proc.wait()
             except KeyboardInterrupt:  # a second Ctrl-C: end the job now
                 _end(proc)
                 return 130
             if relay.interrupted:
                 return 130
-            if code == 128 + 14:  # SIGALRM: end_job_on_failure in a rank that failed alone
-                print(f"lcls-dl: a rank failed alone (its error is above) and ended itself "
-                      f"after {FAILURE_GRACE_S} s, so that the others could not wait for it "
-                      "forever", file=sys.stderr, flush=True)
+            if relay.relayed is not None and not checkpoints:
+                return 128 + int(relay.relayed)
+            failed = _failed_alone(started) if code == 128 + 14 else None  # SIGALRM
+            if failed is not None:  # end_job_on_failure in a rank that failed alone
+                rank, code = failed
+                print(f"lcls-dl: rank {rank} exited with code {code} while the others still "
+                      f"ran, and ended itself after {FAILURE_GRACE_S} s so that they could not "
+                      "wait for it forever", file=sys.stderr, flush=True)
             if code != 0 and local and not os.path.exists(started):
                 launch = cmd[:cmd.index(sys.executable)] if sys.executable in cmd else cmd[:1]
                 raise LclsError(f"mpiexec could not start the job (exit code {code}; its "

@@ -18,8 +18,18 @@ import os
 import shlex
 import signal
 import sys
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+#: a second Ctrl-C counts only this long after the first: ``timeout`` and shells pass one
+#: keypress on to their child, which then sees it twice at once
+REPEAT_AFTER_S = 1.0
+
+
+def _repeated(first):
+    """Whether a SIGINT now is a second Ctrl-C, not a copy of the one at ``first``."""
+    return first is not None and time.monotonic() - first >= REPEAT_AFTER_S
 
 
 class StopRequest:
@@ -61,6 +71,7 @@ class StopRequest:
         self.signals = tuple(signals)
         self.requested = False
         self.interrupted = False
+        self._first_sigint = None
         self.stopping = False  # the loop has seen the request: it is checkpointing
         self.signum = None
         self._previous = {}
@@ -70,11 +81,14 @@ class StopRequest:
     def _handler(self, signum, frame):
         # Only set flags (no I/O, no MPI, no locks in a signal handler); a second Ctrl-C
         # raises, as Python's own SIGINT handler would.
-        if signum == signal.SIGINT and self.interrupted and not self.stopping:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        if signum == signal.SIGINT and self.interrupted:
+            if not self.stopping and _repeated(self._first_sigint):
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+            return
         if self.signum is None:
             self.signum = signum
-        self.interrupted = self.interrupted or signum == signal.SIGINT
+        if signum == signal.SIGINT:
+            self.interrupted, self._first_sigint = True, time.monotonic()
         self.requested = True
 
     def install(self):
@@ -160,13 +174,17 @@ class relay_stop_signals:
     checkpoint. Use as a context manager around ``Popen(...).wait()``.
 
     ``SIGINT`` (Ctrl-C in the terminal; ``mpiexec`` runs in a session of its own, so
-    only this process gets it) is relayed the same way, once: a second one raises
-    ``KeyboardInterrupt`` in this process, whose caller then ends the job at once.
+    only this process gets it) is relayed the same way, once: a second one, at least
+    :data:`REPEAT_AFTER_S` later, raises ``KeyboardInterrupt`` in this process, whose
+    caller then ends the job at once.
 
     Parameters
     ----------
     proc : subprocess.Popen
         The running ``mpiexec``.
+    graceful : bool
+        False for ranks that do not checkpoint: ``mpiexec`` gets ``SIGTERM`` instead
+        (it ends the ranks).
 
     Attributes
     ----------
@@ -185,26 +203,31 @@ class relay_stop_signals:
     True
     """
 
-    def __init__(self, proc, signals=STOP_SIGNALS + (signal.SIGINT,)):
+    def __init__(self, proc, signals=STOP_SIGNALS + (signal.SIGINT,), graceful=True):
         self.proc = proc
         self.signals = tuple(signals)
+        self.graceful = bool(graceful)
         self.relayed = None
         self.interrupted = False
+        self._first_sigint = None
         self._previous = {}
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT:
             if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
+                if _repeated(self._first_sigint):
+                    raise KeyboardInterrupt
+                return
+            self.interrupted, self._first_sigint = True, time.monotonic()
             # os.write: a print here could re-enter a write the main thread is in
             os.write(2, b"lcls-dl: Ctrl-C: every rank stops after its current step and the "
-                        b"job checkpoints (Ctrl-C again to end it at once)\n")
+                        b"job checkpoints (Ctrl-C again to end it at once)\n" if self.graceful
+                     else b"lcls-dl: Ctrl-C: ending the job\n")
         if self.relayed is None:
             self.relayed = signum
         if self.proc.poll() is None:
             try:
-                self.proc.send_signal(signal.SIGUSR1)
+                self.proc.send_signal(signal.SIGUSR1 if self.graceful else signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
