@@ -173,8 +173,18 @@ class Dataset:
     def _file(self, k):
         f = self._open.get(k)
         if f is None:
-            f = self._open[k] = h5py.File(self._shard_paths[k], "r")
+            try:
+                f = self._open[k] = h5py.File(self._shard_paths[k], "r")
+            except OSError as exc:
+                raise self._damaged(k, exc) from None
         return f
+
+    def _damaged(self, k, exc):
+        """The one-line error for a shard that cannot be read."""
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return InputError(f"cannot read shard {os.path.basename(self._shard_paths[k])} "
+                          f"({reason}); it is damaged or truncated: run lcls-dl ingest again "
+                          f"with --force, or restore it", self._shard_paths[k])
 
     def read(self, rows, arrays=ARRAYS):
         """Read frames ``rows`` (any order) -> dict of stacked arrays, in that order."""
@@ -191,7 +201,10 @@ class Dataset:
             uniq, inverse = np.unique(r[order], return_inverse=True)
             f = self._file(int(k))
             for name in arrays:
-                block = f[name][uniq]  # h5py needs increasing, unique indices
+                try:
+                    block = f[name][uniq]  # h5py needs increasing, unique indices
+                except (OSError, KeyError) as exc:  # a failed filter, a missing dataset
+                    raise self._damaged(int(k), exc) from None
                 out[name][sel[order]] = block[inverse]
         return out
 

@@ -179,6 +179,21 @@ def test_dark_and_gain_files_calibrate_frames_and_are_recorded(tmp_path, cli):
         next(iter_preprocessed([str(tmp_path / "cal")], pre, **GEOM))
 
 
+def test_damaged_shard_is_one_line_naming_it(tmp_path, run_dir):
+    out = tmp_path / "data"
+    pipeline.ingest([str(run_dir)], str(out), shard_size=5, params=SMALL, **GEOM)
+    shard = out / "shard-00001.h5"
+    with h5py.File(shard, "r") as f:
+        info = f["scalars"].id.get_chunk_info(0)       # gzip-compressed bytes of frames 5..
+    with open(shard, "r+b") as fh:                     # as a bad disk or copy would leave
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * min(info.size, 64))
+    ds = Dataset(out)
+    ds.read([0, 1])                                    # other shards still read
+    with pytest.raises(InputError, match=r"cannot read shard shard-00001\.h5 .*damaged"):
+        ds.read([0, 5])
+
+
 def test_resume_after_kill_keeps_finished_shards(tmp_path, run_dir, monkeypatch):
     out = str(tmp_path / "data")
     real = pipeline.build_shard
