@@ -419,6 +419,10 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
         return None
     if isinstance(mpiexec_args, str):
         mpiexec_args = split_mpiexec_args(mpiexec_args)
+    # only a rank on this host can tell this process that it started
+    local = single_host(hostfile, mpiexec_args)
+    if local:
+        check_local_ranks(np)
     from . import ulfm
     from .signals import relay_stop_signals
 
@@ -436,15 +440,13 @@ def maybe_launch(argv, np, hostfile=None, mpiexec_args=(), fault_tolerance=False
     extra = list(mpiexec_args)
     if ft:
         extra = ulfm.mpiexec_ft_args() + ["-x", ulfm.FT_ENV] + extra
-    # only a rank on this host can tell this process that it started
-    local = single_host(hostfile, mpiexec_args)
-    if local:
-        check_local_ranks(np)
     attempt = 0
     with tempfile.TemporaryDirectory(prefix="lcls-dl-launch-") as tmp:
         started = os.path.join(tmp, "started")
         env[STARTED_ENV] = started
         while True:
+            for name in os.listdir(tmp):  # what the ranks of an earlier attempt left
+                os.unlink(os.path.join(tmp, name))
             cmd = mpiexec_command(argv, int(np), hostfile, extra, mpiexec, flavor=flavor)
             try:
                 proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
