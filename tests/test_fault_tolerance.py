@@ -309,6 +309,25 @@ def test_rank_lost_with_an_update_pending(data, tmp_path, fault_free):
     assert abs(_val_accuracy(model_json(out)) - _val_accuracy(fault_free)) <= 0.01
 
 
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_mpi
+def test_rank_lost_in_the_last_evaluation_is_recorded(data, tmp_path, fault_free):
+    out, dbg = tmp_path / "m", tmp_path / "dbg"
+    dbg.mkdir()
+    proc = run(train_args(data, out, extra=["--np", "3"]), tmp_path, timeout=90,
+               LCLS_DL_TEST_KILL_IN_EVAL="2:5", LCLS_DL_DEBUG_WEIGHTS=dbg)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    tr = model_json(out)["training"]
+    assert tr["lost_ranks"] == [2] and tr["epochs_run"] == 5
+    (rec,) = tr["recoveries"]                    # no training step came after the loss
+    assert rec["lost"] == [2] and rec["first_step_s"] is None and rec["done_s"] > 0
+    assert "after the last training step" in proc.stdout + proc.stderr
+    assert sorted(digests(dbg)) == [0, 1] and len(set(digests(dbg).values())) == 1
+    assert abs(_val_accuracy(model_json(out)) - _val_accuracy(fault_free)) <= 0.01
+
+
 # -- no ULFM or too few ranks: restart from the last checkpoint -------------------------------
 @pytest.mark.mpi
 @pytest.mark.slow

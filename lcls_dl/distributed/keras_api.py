@@ -230,7 +230,14 @@ def _make_callbacks():
         """Copy rank ``root``'s weights and optimizer state to all ranks when training starts.
 
         Put it in ``callbacks=`` of ``model.fit`` on every rank. Also turns off XLA
-        (``jit_compile``) for the train step, which cannot call MPI.
+        (``jit_compile``) for the train step, which cannot call MPI. When only the root
+        resumed (its optimizer has state, e.g. from ``keras.models.load_model``), the other
+        ranks' optimizers are built first and receive that state, iteration count
+        included. Ranks whose models differ get a ``ValueError`` on every rank.
+
+        Non-trainable variables (BatchNormalization's moving statistics) are copied here
+        only: each rank then updates them from its own batches, so they drift apart.
+        Save or evaluate rank 0's model, or broadcast them again yourself.
         """
 
         def __init__(self, root=0):
@@ -250,8 +257,22 @@ def _make_callbacks():
                 return
             variables = list(self.model.variables)
             optimizer = getattr(self.model, "optimizer", None)
-            if optimizer is not None and getattr(optimizer, "built", False):
+            root_built = world().bcast_object(
+                bool(optimizer is not None and getattr(optimizer, "built", False)), root=self.root)
+            if root_built:
+                # the root resumed (e.g. keras.models.load_model): its optimizer has state
+                # that the others, built fresh, must receive, so build theirs first
+                if not getattr(optimizer, "built", False):
+                    optimizer.build(self.model.trainable_variables)
                 variables += list(optimizer.variables)
+            layout = [tuple(v.shape) for v in variables]
+            layouts = world().allgather_object(layout)
+            if any(other != layouts[self.root] for other in layouts):
+                bad = next(r for r, other in enumerate(layouts) if other != layouts[self.root])
+                raise ValueError(
+                    f"BroadcastCallback: rank {bad} has {len(layouts[bad])} model/optimizer "
+                    f"variables, rank {self.root} has {len(layouts[self.root])} (or other "
+                    "shapes): build the same model and optimizer on every rank")
             values = world().broadcast([np.array(v.numpy()) for v in variables], root=self.root)
             for v, value in zip(variables, values):
                 v.assign(value)
@@ -284,7 +305,9 @@ def _make_callbacks():
         Parameters
         ----------
         initial_lr : float
-            Learning rate of the first step (typically the single-rank rate).
+            Learning rate of the first step (typically the single-rank rate). The
+            optimizer's learning rate must be a number, not a ``LearningRateSchedule``
+            (a schedule has its own warmup).
         target_lr : float, optional
             Rate after warmup; ``scale_lr(initial_lr)`` by default.
         warmup_steps : int

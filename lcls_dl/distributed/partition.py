@@ -68,7 +68,7 @@ def partition(rows, labels, epoch, seed, rank, size, pad=True):
         raise InputError(f"{len(rows)} rows but {len(labels)} labels", "partition")
     if len(rows) < size:
         raise InputError(f"only {len(rows)} frames to share among {size} ranks; every rank "
-                         "needs at least one (label more frames or use fewer ranks)",
+                         "needs at least one (use more frames or fewer ranks)",
                          "partition")
     order = np.lexsort((rows, labels))  # canonical order: by class, then row
     rows, labels = rows[order], labels[order]

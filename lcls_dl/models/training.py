@@ -248,6 +248,8 @@ class _TestHooks:
     - ``LCLS_DL_TEST_KILL_AFTER_REDUCE="R:S[,R:S...]"``: rank R SIGKILLs itself right
       after the gradient reduction of step S, before the step's update is applied (the
       others then see the loss in the next collective, with that update pending);
+    - ``LCLS_DL_TEST_KILL_IN_EVAL="R:E"``: rank R SIGKILLs itself when the evaluation at
+      the end of epoch E starts;
     - ``LCLS_DL_TEST_KILL_ONCE=PREFIX``: fire each kill only once (marker file
       ``PREFIX.R.S``), so a restarted job gets past it;
     - ``LCLS_DL_TEST_STEP_SLEEP=SECONDS``: sleep before every step (slow a tiny run down
@@ -259,6 +261,7 @@ class _TestHooks:
         self.me = int(me)
         self.kills = self._steps(env.get("LCLS_DL_TEST_KILL", ""))
         self.late_kills = self._steps(env.get("LCLS_DL_TEST_KILL_AFTER_REDUCE", ""))
+        self.eval_kills = self._steps(env.get("LCLS_DL_TEST_KILL_IN_EVAL", ""))
         self.signals = {}
         for item in filter(None, env.get("LCLS_DL_TEST_SIGNAL", "").split(",")):
             r, s, name = item.split(":")
@@ -272,6 +275,12 @@ class _TestHooks:
         """Steps ``S`` of the items ``R:S`` of ``spec`` with ``R`` this rank."""
         return {int(s) for r, s in (item.split(":") for item in filter(None, spec.split(",")))
                 if int(r) == self.me}
+
+    def before_eval(self, epoch):
+        if epoch in self.eval_kills:
+            log.warning("test hook: rank %d kills itself in the evaluation of epoch %d",
+                        self.me, epoch)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def after_reduce(self, step):
         if step in self.late_kills:
@@ -652,6 +661,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                 total = np.asarray(world.allreduce_sum(sums), np.float64)
                 images += total[2]
                 train_s = time.perf_counter() - t_epoch
+                hooks.before_eval(epoch)
                 val = evaluate_rows(model, dataset, val_rows, labels_all, world,
                                     cfg.batch_size * 4, logits_model=logits_model)
                 lr_now = float((schedule(optimizer.iterations) * peak).numpy())
@@ -747,6 +757,14 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
             data_iter = None
     if bar is not None:
         bar.close()
+    if recovering is not None:  # lost in the last evaluation: no training step came after
+        t_detect = recovering.pop("_t")
+        rec = dict(recovering, first_step_s=None, done_s=time.perf_counter() - t_detect,
+                   size=world.size)
+        recoveries.append(rec)
+        log.warning("recovered from lost rank(s) %s after the last training step: world size "
+                    "now %d; %.3f s from detection to the end of training", rec["lost"],
+                    world.size, rec["done_s"])
     wall = time.perf_counter() - t_start
     if best_vars is not None and not interrupted:
         for v, a in zip(model.variables, best_vars):
