@@ -267,8 +267,9 @@ def _make_callbacks():
                 variables += list(optimizer.variables)
             layout = [tuple(v.shape) for v in variables]
             layouts = world().allgather_object(layout)
-            if any(other != layouts[self.root] for other in layouts):
-                bad = next(r for r, other in enumerate(layouts) if other != layouts[self.root])
+            differ = [r for r, other in enumerate(layouts) if other != layouts[self.root]]
+            if differ:
+                bad = differ[0]
                 raise ValueError(
                     f"BroadcastCallback: rank {bad} has {len(layouts[bad])} model/optimizer "
                     f"variables, rank {self.root} has {len(layouts[self.root])} (or other "

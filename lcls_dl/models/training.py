@@ -562,6 +562,19 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
         if zero_copy:
             inv_size.assign(1.0 / world.size)
 
+    def finish_recovery(after_step):
+        """Record the pending recovery: time to the first step after the shrink, or (no
+        step came after it) to the end of training."""
+        elapsed = time.perf_counter() - recovering.pop("_t")
+        rec = dict(recovering, first_step_s=elapsed if after_step else None, size=world.size)
+        if not after_step:
+            rec["done_s"] = elapsed
+        recoveries.append(rec)
+        log.warning("recovered from lost rank(s) %s%s: world size now %d; %.3f s from "
+                    "detection to %s", rec["lost"], "" if after_step else
+                    " after the last training step", world.size, elapsed,
+                    "the first step after the shrink" if after_step else "the end of training")
+
     while phase != "done":
         try:
             if need_sync:
@@ -621,13 +634,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
                     state["updates"] += 1
                     bar.update(1)
                     if recovering is not None:
-                        t_detect = recovering.pop("_t")
-                        rec = dict(recovering, first_step_s=time.perf_counter() - t_detect,
-                                   size=world.size)
-                        recoveries.append(rec)
-                        log.warning("recovered from lost rank(s) %s: world size now %d; %.3f s "
-                                    "from detection to the first step after the shrink",
-                                    rec["lost"], world.size, rec["first_step_s"])
+                        finish_recovery(after_step=True)
                         recovering = None
                     if stop is not None and stop.should_stop(world):
                         if unapplied is not None:
@@ -758,13 +765,7 @@ def train(model, dataset, splits, classes, config, out_dir=None, world=None, par
     if bar is not None:
         bar.close()
     if recovering is not None:  # lost in the last evaluation: no training step came after
-        t_detect = recovering.pop("_t")
-        rec = dict(recovering, first_step_s=None, done_s=time.perf_counter() - t_detect,
-                   size=world.size)
-        recoveries.append(rec)
-        log.warning("recovered from lost rank(s) %s after the last training step: world size "
-                    "now %d; %.3f s from detection to the end of training", rec["lost"],
-                    world.size, rec["done_s"])
+        finish_recovery(after_step=False)
     wall = time.perf_counter() - t_start
     if best_vars is not None and not interrupted:
         for v, a in zip(model.variables, best_vars):
